@@ -1,0 +1,26 @@
+"""The HIE-Bench web app (Streamlit): leaderboard, comparisons, per-case errors, submissions, datasets.
+
+``streamlit run app.py`` starts it; ``app.py`` at the repository root only sets the page up and hands
+over to :func:`bench.app.ui.run_app`, which declares the pages (files in :mod:`bench.app.pages`) with
+``st.navigation``. The app reads the results database and nothing else; everything it shows comes from
+:mod:`bench.store` (per-case rows) and :mod:`bench.stats` (confidence intervals, ranks, tests), with
+metric names, units and directions from :data:`bench.metrics.METRICS`.
+
+Modules:
+
+:mod:`~bench.app.source`
+    Which database and folders the app uses (:class:`~bench.app.source.AppSource`).
+:mod:`~bench.app.queries`
+    Plain functions from a :class:`~bench.store.Store` to the tables each page shows (no Streamlit,
+    tested directly and timed by :mod:`~bench.app.perf`).
+:mod:`~bench.app.viewer`
+    Slice rendering: ADC / Z-ADC with true-positive, false-positive and false-negative voxels.
+:mod:`~bench.app.uploads`
+    Turning an uploaded zip into a verified submission folder and a queued job.
+:mod:`~bench.app.ui`
+    Streamlit glue shared by the pages: cached queries, the sidebar, widgets, the empty state.
+:mod:`~bench.app.sample`
+    A small but real results database (synthetic data, real predictions) for tests and screenshots.
+
+Only this package imports Streamlit; the job worker that runs queued submissions is :mod:`bench.worker`.
+"""

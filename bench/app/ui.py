@@ -1,0 +1,310 @@
+"""Streamlit glue shared by the pages: navigation, the results source, cached queries, the sidebar.
+
+Caching: every query goes through ``st.cache_data`` keyed by the database URL, a *data version*
+(:func:`bench.app.queries.data_version`, re-read at most every few seconds) and the query's own
+arguments. New results therefore show up on the next interaction, and repeated views of the same
+table cost a dictionary lookup. The engine of each URL is one ``st.cache_resource``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import streamlit as st
+
+from bench.app import queries
+from bench.app.source import DB_PARAMETER, AppSource, resolve_source
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from bench.store import Store
+
+PAGES_DIR = Path(__file__).resolve().parent / "pages"
+#: Session key of the ``--db`` arguments given to ``streamlit run app.py -- --db URL``.
+_ARGV_KEY = "_hie_bench_argv"
+#: Session key of a database chosen with ``?db=`` (kept while the user moves between pages).
+_DB_KEY = "_hie_bench_db"
+#: Seconds a data version is trusted before the database is asked again.
+VERSION_TTL_S = 3
+#: Bootstrap resamples of the confidence intervals shown (as ``bench leaderboard``).
+N_BOOT = 1000
+#: The leaderboard's default metrics, after the ranking one.
+DEFAULT_EXTRA_METRICS: tuple[str, ...] = ("hd95", "nsd", "lesion_f1")
+#: Plotly colours of the submissions (Okabe-Ito, then Plotly's defaults).
+PALETTE: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a page needs to read results: the source, its store and the current data version."""
+
+    source: AppSource
+    store: Store
+    version: str
+
+    @property
+    def url(self) -> str:
+        return self.source.db_url
+
+
+# -- the app ---------------------------------------------------------------------------------------------------
+
+
+def run_app(argv: Sequence[str] = ()) -> None:
+    """Configure the page and run the selected page (called by ``app.py``).
+
+    ``argv``: the arguments after ``--`` of ``streamlit run app.py -- --db URL``.
+    """
+    st.set_page_config(page_title="HIE-Bench", page_icon=":material/neurology:", layout="wide")
+    st.session_state[_ARGV_KEY] = list(argv)
+    page = st.navigation(
+        {
+            "Results": [
+                st.Page(PAGES_DIR / "leaderboard.py", title="Leaderboard", icon=":material/leaderboard:", url_path="leaderboard", default=True),
+                st.Page(PAGES_DIR / "compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+                st.Page(PAGES_DIR / "cases.py", title="Cases", icon=":material/frame_inspect:", url_path="cases"),
+            ],
+            "Contribute": [
+                st.Page(PAGES_DIR / "submit.py", title="Submit", icon=":material/upload:", url_path="submit"),
+            ],
+            "Data": [
+                st.Page(PAGES_DIR / "datasets.py", title="Datasets", icon=":material/database:", url_path="datasets"),
+                st.Page(PAGES_DIR / "submission.py", title="Submission card", icon=":material/badge:", url_path="submission", visibility="hidden"),
+            ],
+        }
+    )
+    page.run()
+
+
+def current_source() -> AppSource:
+    """The source of this session: settings, ``--db`` and a ``?db=`` seen on any page of the session."""
+    given = st.query_params.get(DB_PARAMETER)
+    if given:
+        st.session_state[_DB_KEY] = given
+    chosen = st.session_state.get(_DB_KEY)
+    return resolve_source({DB_PARAMETER: chosen} if chosen else {}, st.session_state.get(_ARGV_KEY, []))
+
+
+def context(*, require_results: bool = True) -> Context:
+    """The page's :class:`Context`; with ``require_results``, a page without results shows how to get
+    some and stops here."""
+    source = current_source()
+    try:
+        store = get_store(source.db_url)
+        version = data_version(source.db_url)
+    except Exception as exc:  # a wrong URL, an unreachable server: say so instead of a traceback
+        st.error(f"Cannot open the results database `{source.display_url}`: {exc}")
+        st.stop()
+    if require_results and (version == queries.EMPTY_VERSION or scopes(source.db_url, version).empty):
+        empty_state(source)
+        st.stop()
+    return Context(source, store, version)
+
+
+def empty_state(source: AppSource) -> None:
+    """The friendly page shown while the database holds no results yet."""
+    st.title("HIE-Bench")
+    st.info(f"No benchmark results yet in `{source.display_url}`.", icon=":material/hourglass_empty:")
+    st.markdown(
+        """
+Results appear here as soon as a benchmark has run. From the repository root:
+
+```bash
+make demo                      # synthetic 4-site cohort + the shipped baselines (a few minutes, CPU)
+make app                       # this app on the demo's results (results/demo/bench.db)
+```
+
+or benchmark your own submission and point the app at its database:
+
+```bash
+bench run submissions/zadc-threshold --dataset datasets/hie-synth-demo --protocol loso
+HIE_BENCH_DB_URL=sqlite:///results/bench.db streamlit run app.py    # or: streamlit run app.py -- --db results/bench.db
+```
+
+You can also upload a submission on the **Submit** page and start `bench worker` beside the app.
+"""
+    )
+
+
+# -- cached queries ------------------------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False)
+def get_store(url: str) -> Store:
+    """One :class:`~bench.store.Store` (engine and connection pool) per database URL, shared by sessions."""
+    from bench.store import Store
+
+    return Store(url)
+
+
+@st.cache_data(ttl=VERSION_TTL_S, show_spinner=False)
+def data_version(url: str) -> str:
+    return queries.data_version(get_store(url))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def scopes(url: str, version: str) -> pd.DataFrame:
+    return queries.scopes(get_store(url))
+
+
+@st.cache_data(max_entries=24, show_spinner="Reading results…")
+def case_frame(url: str, version: str, scope: tuple[str, str | None, str], metrics: tuple[str, ...], run_choice: str) -> pd.DataFrame:
+    """Per-case rows of ``scope`` = (dataset version, protocol or ``None`` for both, convention)."""
+    dataset_version, protocol, convention = scope
+    return queries.case_frame(get_store(url), dataset_version, protocol, convention, metrics, run_choice=run_choice)  # type: ignore[arg-type]
+
+
+@st.cache_data(max_entries=64, show_spinner="Bootstrapping confidence intervals…")
+def leaderboard(url: str, version: str, scope: tuple[str, str, str], metrics: tuple[str, ...], run_choice: str, site: str | None, n_boot: int = N_BOOT) -> pd.DataFrame:
+    frame = case_frame(url, version, scope, metrics, run_choice)
+    return queries.leaderboard(frame, metrics, site=site, n_boot=n_boot)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def site_summary(url: str, version: str, scope: tuple[str, str, str], metric: str, run_choice: str, n_boot: int = N_BOOT) -> pd.DataFrame:
+    return queries.site_summary(case_frame(url, version, scope, (metric,), run_choice), metric, n_boot=n_boot)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def rank_distribution(url: str, version: str, scope: tuple[str, str, str], metric: str, run_choice: str, site: str | None, n_boot: int = N_BOOT) -> pd.DataFrame:
+    frame = case_frame(url, version, scope, (metric,), run_choice)
+    if site is not None:
+        frame = frame[frame["site"].astype(str) == site]
+    return queries.rank_distribution(frame, metric, n_boot=n_boot)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def dataset_cases(url: str, version: str, dataset_version: str) -> pd.DataFrame:
+    return queries.dataset_cases(get_store(url), dataset_version)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def datasets(url: str, version: str) -> pd.DataFrame:
+    return queries.datasets(get_store(url))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def case_lesions(url: str, version: str, run_id: str, case_id: str) -> pd.DataFrame:
+    return queries.case_lesions(get_store(url), run_id, case_id)
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading image headers…")
+def dataset_geometry(root: str) -> pd.DataFrame:
+    return queries.dataset_geometry(root)
+
+
+def dataset_root(ctx: Context, dataset_version: str) -> Path | None:
+    table = datasets(ctx.url, ctx.version)
+    for root in table.loc[table["version"] == dataset_version, "root"].dropna():
+        if root and Path(root).is_dir():
+            return Path(root)
+    return None
+
+
+# -- widgets -----------------------------------------------------------------------------------------------------------
+
+
+def scope_sidebar(ctx: Context, *, choose_protocol: bool = True) -> tuple[str, str, str]:
+    """The sidebar: dataset, protocol (k-fold / leave-one-site-out), convention and which run counts.
+
+    Returns the scope as (dataset version, protocol, convention). Values persist across pages for the whole session.
+    """
+    table = scopes(ctx.url, ctx.version)
+    with st.sidebar:
+        st.markdown("**Results**")
+        labels = {row.dataset_version: f"{row.dataset} · {row.dataset_version}" for row in table.itertuples()}
+        dataset_version = st.selectbox("Dataset", list(labels), format_func=labels.__getitem__, key="scope_dataset", persist_state="session")
+        here = table[table["dataset_version"] == dataset_version]
+        protocols = sorted(set(here["protocol"]), key=lambda p: (p not in queries.PROTOCOL_LABELS, list(queries.PROTOCOL_LABELS).index(p) if p in queries.PROTOCOL_LABELS else 0, p))
+        if choose_protocol:
+            protocol = st.radio(
+                "Protocol",
+                protocols,
+                format_func=lambda p: queries.PROTOCOL_LABELS.get(p, p),
+                key="scope_protocol",
+                persist_state="session",
+                help="k-fold: every site is seen in training. Leave-one-site-out: each site is tested by a model that never saw it.",
+            )
+        else:
+            protocol = st.session_state.get("scope_protocol") if st.session_state.get("scope_protocol") in protocols else protocols[0]
+        conventions = sorted(set(here.loc[here["protocol"] == protocol, "convention"]))
+        convention = (
+            st.selectbox("Metric convention", conventions, key="scope_convention", persist_state="session")
+            if len(conventions) > 1
+            else conventions[0]
+        )
+        st.radio(
+            "Run of each submission",
+            queries.RUN_CHOICES,
+            format_func={"latest": "latest run", "best": "best run (on the ranking metric)"}.__getitem__,
+            key="scope_runs",
+            persist_state="session",
+            help="A submission rerun with another code version or preprocessing has several runs.",
+        )
+        database_caption(ctx)
+    return (dataset_version, protocol, convention)
+
+
+def run_choice() -> str:
+    """The sidebar's choice of run per submission (``latest`` or ``best``)."""
+    return st.session_state.get("scope_runs") or "latest"
+
+
+def database_caption(ctx: Context) -> None:
+    st.caption(f"Database: `{ctx.source.display_url}`" + (" (from --db / ?db=)" if ctx.source.overridden else ""))
+
+
+def metric_picker(label: str = "Metric", *, key: str, default: str = "dice", help: str | None = None) -> str:
+    """A select box of the rankable metrics, labelled with name, unit and direction, with its definition below."""
+    from bench.metrics import METRICS
+
+    options = queries.rankable_metrics()
+    metric = st.selectbox(
+        label, options, index=options.index(default) if default in options else 0, format_func=queries.metric_label, key=key, persist_state="session", help=help
+    )
+    st.caption(f"**{queries.metric_direction(metric).capitalize()}.** {METRICS[metric].description}")
+    return metric
+
+
+def fmt(value: Any) -> str:
+    """Numbers as the CLI prints them: three decimals for ratios, fewer for large values; ``–`` if missing."""
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    magnitude = abs(float(value))
+    return f"{value:.0f}" if magnitude >= 100 else f"{value:.1f}" if magnitude >= 10 else f"{value:.3f}"
+
+
+def colour_map(labels: Sequence[str]) -> dict[str, str]:
+    """A stable colour per submission label."""
+    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(sorted(labels))}
+
+
+def plotly_layout(fig: Any, *, height: int = 380, **kwargs: Any) -> Any:
+    """The app's plot style: white template, compact margins, legend on top."""
+    fig.update_layout(
+        template="plotly_white",
+        height=height,
+        margin=dict(l=10, r=10, t=40, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
+        **kwargs,
+    )
+    return fig
+
+
+def card_link(content_hash: str) -> str:
+    """Relative link to a submission's card page."""
+    return f"./submission?id={content_hash}"
+
+
+def argv_for_app() -> list[str]:
+    """``sys.argv[1:]`` when run by ``streamlit run app.py -- ...``, else nothing (e.g. under a test runner)."""
+    return sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "app.py" else []

@@ -1,0 +1,94 @@
+"""``bench demo``: the whole benchmark end to end on a fresh machine, CPU only, in a few minutes.
+
+1. generates the synthetic four-site cohort (``small`` volumes so CPU training is quick);
+2. benchmarks the shipped submissions — the Z-ADC threshold baseline, a MONAI U-Net and the nnU-Net v2
+   baseline with their CPU schedules — under site-stratified k-fold and leave-one-site-out;
+3. prints the leaderboards and how to open the app.
+
+Every step is resumable: running the demo again reuses the dataset, the trained folds and the stored
+scores, so a second run takes seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+#: The submissions the demo benchmarks (folders under ``submissions/``).
+DEMO_SUBMISSIONS: tuple[str, ...] = ("zadc-threshold", "unet-monai", "nnunet-baseline")
+
+
+def run_demo(
+    data: Path,
+    results: Path,
+    *,
+    submissions_root: Path = Path("submissions"),
+    submissions: tuple[str, ...] = DEMO_SUBMISSIONS,
+    cases: int = 24,
+    sites: int = 4,
+    folds: int = 3,
+    size: str = "small",
+    workers: int = 1,
+) -> float:
+    """Run the demo; returns its wall time in seconds."""
+    from rich.console import Console
+
+    from bench.data.dataset import Dataset
+    from bench.data.synth import generate_synthetic_dataset
+    from bench.harness import RunSpec, run_benchmark
+    from bench.report import leaderboard_table, render_leaderboard
+
+    console = Console()
+    started = time.perf_counter()
+    results.mkdir(parents=True, exist_ok=True)
+    db_url = f"sqlite:///{(results / 'bench.db').as_posix()}"
+
+    console.rule("1. Synthetic multi-site dataset")
+    if (data / "dataset.json").is_file():
+        dataset = Dataset.load(data)
+        console.print(f"reusing {data} ({len(dataset)} cases, sites {', '.join(dataset.sites)})")
+    else:
+        t0 = time.perf_counter()
+        dataset = generate_synthetic_dataset(data, cases=cases, sites=sites, seed=0, size=size, folds=folds)
+        console.print(f"generated {data}: {len(dataset)} cases, sites {', '.join(dataset.sites)} in {time.perf_counter() - t0:.1f} s")
+
+    console.rule("2. Benchmark (k-fold and leave-one-site-out)")
+    specs = [
+        RunSpec(submission=submissions_root / name, dataset=data, protocol=protocol, folds=folds, schedule="cpu", results_dir=results, db_url=db_url)
+        for name in submissions
+        for protocol in ("kfold", "loso")
+    ]
+
+    def report(result) -> None:
+        note = f", trained in {result.train_s:.0f} s" if result.train_s else ""
+        console.print(f"  {result.fold:<14} scored {result.scored:>3}, failed {result.failed}, already stored {result.skipped}{note}")
+
+    run_benchmark(specs, workers=workers, on_result=report)
+
+    console.rule("3. Leaderboards")
+    from bench.store import Store
+
+    store = Store.from_url(db_url)
+    for protocol in ("kfold", "loso"):
+        table = leaderboard_table(store, protocol=protocol, metrics=("dice", "hd95", "nsd", "lesion_f1"))
+        render_leaderboard(table, ("dice", "hd95", "nsd", "lesion_f1"), console=console)
+
+    elapsed = time.perf_counter() - started
+    console.rule("Next")
+    console.print(f"Demo finished in {elapsed:.0f} s. Results database: {results / 'bench.db'}")
+    console.print("Open the web app:   [bold]make app[/bold]   (= HIE_BENCH_RESULTS_DIR=" + str(results) + " .venv/bin/streamlit run app.py)")
+    console.print("Queue runs from the app's Submit page and process them with:   HIE_BENCH_RESULTS_DIR=" + str(results) + " .venv/bin/bench worker")
+    return elapsed
+
+
+def demo_command(
+    data: Path = typer.Option(Path("datasets/hie-synth-demo"), "--data", help="Dataset folder (generated if absent)."),
+    results: Path = typer.Option(Path("results/demo"), "--results", help="Folder for predictions, models and the database."),
+    cases: int = typer.Option(24, "--cases", min=4, help="Number of synthetic cases."),
+    folds: int = typer.Option(3, "--folds", min=2, help="k of the k-fold protocol."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Fold units run in parallel."),
+) -> None:
+    """Run the whole benchmark on a synthetic cohort: data, training, scoring, leaderboard."""
+    run_demo(data, results, cases=cases, folds=folds, workers=workers)

@@ -1,0 +1,222 @@
+"""Score a folder of predicted masks against a folder of reference masks (``bench evaluate``).
+
+Files are matched by case id, the file name without its image suffix (``.nii.gz``, ``.nii``, ``.mha``,
+...). Each pair must share its voxel grid (shape, spacing, origin, direction); the spacing handed to
+the metric engine is read from the reference header and converted to array-axis order by
+:mod:`bench.imageio`. A reference without a prediction is a *failed* row, never a silent skip, so the
+summary cannot look better than the submission is.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import typer
+
+from bench.imageio import IMAGE_SUFFIXES, ImageError, read_image, strip_image_suffix
+
+
+@dataclass(frozen=True)
+class CasePair:
+    """A reference mask and the prediction for the same case id (``prediction`` is None when missing)."""
+
+    case_id: str
+    reference: Path
+    prediction: Path | None
+
+
+def index_image_folder(folder: Path) -> dict[str, Path]:
+    """Map case id -> image file for every image in ``folder`` (not recursive).
+
+    Raises ``ValueError`` when two files claim the same case id (``a.nii`` and ``a.nii.gz``), because
+    silently preferring one would score a file the user did not mean.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    index: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        case_id = strip_image_suffix(path) if path.is_file() else None
+        if case_id is None or case_id.startswith("."):
+            continue
+        if case_id in index:
+            raise ValueError(f"{folder}: case {case_id!r} has two files, {index[case_id].name} and {path.name}")
+        index[case_id] = path
+    return index
+
+
+def match_folders(pred_dir: Path, ref_dir: Path) -> tuple[list[CasePair], list[str]]:
+    """Pair references with predictions by case id; also return prediction ids with no reference."""
+    references = index_image_folder(ref_dir)
+    if not references:
+        raise ValueError(f"{ref_dir}: no reference images ({', '.join(IMAGE_SUFFIXES)})")
+    predictions = index_image_folder(pred_dir)
+    pairs = [CasePair(case_id, path, predictions.get(case_id)) for case_id, path in references.items()]
+    unmatched = sorted(set(predictions) - set(references))
+    return pairs, unmatched
+
+
+def score_pair(pair: CasePair, convention: str = "bench", nsd_tolerance_mm: float = 2.0) -> dict:
+    """Score one pair; never raises for bad data: problems become a failed row with the reason."""
+    from bench.metrics import compute_metrics
+
+    row: dict = {"case_id": pair.case_id, "status": "ok", "error": "", "convention": convention}
+    if pair.prediction is None:
+        return row | {"status": "missing", "error": f"no prediction for case {pair.case_id}"}
+    try:
+        ref, ref_geometry = read_image(pair.reference)
+        pred, pred_geometry = read_image(pair.prediction)
+        differences = ref_geometry.differences(pred_geometry)
+        if differences:
+            raise ValueError(f"prediction {pair.prediction.name} does not lie on the reference grid: {'; '.join(differences)}")
+        for name, array, path in (("reference", ref, pair.reference), ("prediction", pred, pair.prediction)):
+            values = set(map(int, _unique(array)))
+            if not values <= {0, 1}:
+                raise ValueError(f"{name} {path.name} has label values {sorted(values)[:8]}, expected 0 and 1 only")
+        metrics = compute_metrics(pred.astype(bool), ref.astype(bool), ref_geometry.spacing, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm)
+        row |= {"spacing": "x".join(f"{s:g}" for s in ref_geometry.spacing)} | metrics
+    except (ImageError, ValueError) as exc:
+        row |= {"status": "failed", "error": str(exc)}
+    return row
+
+
+def _unique(array):
+    import numpy as np
+
+    if array.dtype == bool:
+        return np.unique(array.view(np.uint8))
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        return np.array([-1])  # NaN / inf: reported as an invalid label value
+    return np.unique(array)
+
+
+def evaluate_pairs(pairs: Iterable[CasePair], *, convention: str = "bench", nsd_tolerance_mm: float = 2.0, workers: int = 1) -> Iterator[dict]:
+    """Score pairs, in parallel processes when ``workers > 1``; yields rows as they finish, in input order."""
+    pairs = list(pairs)
+    if workers <= 1:
+        for pair in pairs:
+            yield score_pair(pair, convention, nsd_tolerance_mm)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(score_pair, pairs, [convention] * len(pairs), [nsd_tolerance_mm] * len(pairs), chunksize=4)
+
+
+def evaluate_folders(pred_dir: Path, ref_dir: Path, *, convention: str = "bench", nsd_tolerance_mm: float = 2.0, workers: int = 1, progress: bool = False):
+    """Score every reference in ``ref_dir`` against ``pred_dir``; return the per-case table (pandas)."""
+    import pandas as pd
+
+    from bench.metrics import CONVENTIONS
+
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+    pairs, _ = match_folders(Path(pred_dir), Path(ref_dir))
+    rows = evaluate_pairs(pairs, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm, workers=workers)
+    if progress:
+        from rich.progress import track
+
+        rows = track(rows, total=len(pairs), description="Scoring", transient=True)
+    return pd.DataFrame(list(rows))
+
+
+def summarize(table) -> "pandas.DataFrame":  # noqa: F821
+    """Mean, median and sd per metric over the successfully scored cases.
+
+    Infinite distances (exactly one mask empty) are capped at each metric's documented ``inf_cap``
+    before averaging, and the number of capped cases is reported beside the statistics.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from bench.metrics import METRICS
+
+    scored = table[table["status"] == "ok"] if "status" in table else table
+    records = []
+    for key, info in METRICS.items():
+        if key not in scored:
+            continue
+        values = pd.to_numeric(scored[key], errors="coerce").to_numpy(dtype=float)
+        n_inf = int(np.isinf(values).sum())
+        if info.inf_cap is not None:
+            values = np.where(np.isinf(values), info.inf_cap, values)
+        values = values[np.isfinite(values)]
+        records.append(
+            {
+                "metric": key,
+                "unit": info.unit,
+                "better": "higher" if info.higher_is_better else "lower",
+                "n": values.size,
+                "mean": float(values.mean()) if values.size else math.nan,
+                "median": float(np.median(values)) if values.size else math.nan,
+                "sd": float(values.std(ddof=1)) if values.size > 1 else math.nan,
+                "n_inf_capped": n_inf,
+            }
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def write_table(table, out: Path) -> Path:
+    """Write a table as CSV or Parquet (by suffix), atomically."""
+    import os
+    import tempfile
+
+    out = Path(out)
+    if out.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"{out}: use a .csv or .parquet file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        if out.suffix == ".csv":
+            table.to_csv(tmp, index=False)
+        else:
+            table.to_parquet(tmp, index=False)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def evaluate_command(
+    pred_dir: Path = typer.Argument(..., help="Folder of predicted masks, one file per case id.", exists=True, file_okay=False),
+    ref_dir: Path = typer.Argument(..., help="Folder of reference masks, one file per case id.", exists=True, file_okay=False),
+    out: Path | None = typer.Option(None, "--out", help="Write the per-case table here (.csv or .parquet)."),
+    convention: str = typer.Option("bench", "--convention", help="Metric convention: bench, medpy, monai or deepmind (see docs/metrics.md)."),
+    nsd_tolerance_mm: float = typer.Option(2.0, "--nsd-tolerance", help="Tolerance of the normalized surface Dice, in mm."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Score cases in this many processes."),
+) -> None:
+    """Score a folder of predicted masks against reference masks, case by case.
+
+    Files are matched by case id (.nii, .nii.gz, .mha). A reference with no prediction is listed as a
+    failed row. Exits with status 1 when any case failed.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    try:
+        pairs, unmatched = match_folders(pred_dir, ref_dir)
+        table = evaluate_folders(pred_dir, ref_dir, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm, workers=workers, progress=True)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if unmatched:
+        console.print(f"[yellow]{len(unmatched)} prediction(s) have no reference and were ignored:[/yellow] {', '.join(unmatched[:10])}")
+    failed = table[table["status"] != "ok"]
+    for row in failed.itertuples():
+        console.print(f"[red]{row.case_id}[/red] {row.status}: {row.error}")
+    summary = summarize(table)
+    view = Table(title=f"{len(table) - len(failed)} of {len(table)} cases scored · convention {convention}")
+    for column in ("metric", "unit", "better", "mean", "median", "sd", "n_inf_capped"):
+        view.add_column(column, justify="left" if column in ("metric", "unit", "better") else "right")
+    for rec in summary.itertuples():
+        view.add_row(rec.metric, rec.unit, rec.better, f"{rec.mean:.4g}", f"{rec.median:.4g}", f"{rec.sd:.4g}", str(rec.n_inf_capped))
+    console.print(view)
+    if out is not None:
+        write_table(table, out)
+        console.print(f"per-case table written to {out}")
+    if len(failed):
+        raise typer.Exit(1)

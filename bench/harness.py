@@ -1,0 +1,391 @@
+"""The benchmark harness: runs submissions over cross-validation folds and stores every score.
+
+A *run* is one submission evaluated on one dataset under one protocol. It is identified by the hash
+of everything that can change its numbers (:func:`run_id`): the submission's content, the dataset
+version, the preprocessing id, the protocol and its fold parameters, the metric convention and the
+code version. Re-running the same command therefore finds the same run and only does what is missing.
+
+A run expands into independent, idempotent work units, one per fold (:class:`FoldUnit`): train the
+fold's model if the submission is ``trainable`` (itself resumable from its checkpoints), then predict
+and score each held-out case not yet stored, committing each case in its own transaction. An
+:class:`Executor` runs the units; :class:`LocalExecutor` uses local processes. A unit carries only plain
+data (paths, URL, ids), so another executor (a Ray cluster, for instance) can run the very same units.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Literal, Protocol, Sequence
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+
+from bench import __version__
+from bench.data.dataset import Case, Dataset
+from bench.data.splits import Fold
+
+ProtocolName = Literal["kfold", "loso"]
+
+#: Version of the harness + metric code whose changes invalidate stored numbers. Bumped by hand when
+#: scoring changes; stored in every run id so old and new numbers are never mixed.
+CODE_VERSION = __version__
+
+
+class RunSpec(BaseModel):
+    """Everything that defines one run, as data (HELM-style run spec). Hash-stable and JSON-serializable."""
+
+    model_config = ConfigDict(frozen=True)
+
+    submission: Path
+    dataset: Path
+    protocol: ProtocolName = "kfold"
+    folds: int = Field(5, ge=2, description="Number of folds for k-fold (ignored by leave-one-site-out).")
+    seed: int = 0
+    convention: str = "bench"
+    schedule: Literal["auto", "cpu", "gpu"] = "auto"
+    results_dir: Path = Path("results")
+    db_url: str
+    #: Fraction of each training fold held out for validation / early stopping of trainable submissions.
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+def run_id(*, submission_hash: str, dataset_version: str, preprocessing_id: str, protocol: str, folds: int, seed: int, convention: str, code_version: str = CODE_VERSION) -> str:
+    """Identity of a run: 16 hex digits of SHA-256 over the fields that change its numbers."""
+    fields = {
+        "submission": submission_hash,
+        "dataset": dataset_version,
+        "preprocessing": preprocessing_id,
+        "protocol": protocol,
+        "folds": folds if protocol == "kfold" else None,
+        "seed": seed if protocol == "kfold" else None,
+        "convention": convention,
+        "code": code_version,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What one work unit did (for logs and progress; the numbers themselves are in the store)."""
+
+    run_id: str
+    fold: str
+    scored: int = 0
+    failed: int = 0
+    skipped: int = 0
+    train_s: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class FoldUnit:
+    """Train (if needed) and score the held-out cases of one fold of one run. Idempotent."""
+
+    spec: RunSpec
+    run_id: str
+    fold: Fold
+
+    def execute(self) -> UnitResult:
+        from bench.store import Store
+
+        store = Store.from_url(self.spec.db_url)
+        done = store.finished_case_ids(self.run_id)
+        todo = [case_id for case_id in self.fold.test if case_id not in done]
+        if not todo:
+            return UnitResult(self.run_id, self.fold.name, skipped=len(self.fold.test))
+        dataset = Dataset.load(self.spec.dataset)
+        try:
+            predictor, train_s = self._predictor(dataset)
+        except Exception as exc:  # a broken submission fails its cases, never the whole benchmark
+            message = f"{type(exc).__name__}: {exc}"
+            for case_id in todo:
+                store.record_case_result(self._failed_row(dataset.case(case_id), f"model could not be loaded or trained: {message}"))
+            return UnitResult(self.run_id, self.fold.name, failed=len(todo), error=traceback.format_exc(limit=5))
+        scored = failed = 0
+        for case_id in todo:
+            row, lesions = score_case(predictor, dataset.case(case_id), self._prediction_path(case_id), self.spec.convention)
+            row |= {"run_id": self.run_id, "fold": self.fold.name}
+            store.record_case_result(row, lesions)
+            scored += row["status"] == "ok"
+            failed += row["status"] != "ok"
+        return UnitResult(self.run_id, self.fold.name, scored=scored, failed=failed, skipped=len(self.fold.test) - len(todo), train_s=train_s)
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return self.spec.results_dir / "runs" / self.run_id
+
+    def _prediction_path(self, case_id: str) -> Path:
+        return self.run_dir / "predictions" / f"{case_id}.nii.gz"
+
+    def _failed_row(self, case: Case, error: str) -> dict:
+        return {"run_id": self.run_id, "fold": self.fold.name, "case_id": case.case_id, "site": case.site, "status": "failed", "error": error}
+
+    def _predictor(self, dataset: Dataset):
+        from bench.submissions import load_submission
+
+        submission = load_submission(self.spec.submission)
+        if submission.kind != "trainable":
+            return submission.predictor(cache_dir=self.spec.results_dir / "cache"), 0.0
+        train_ids, val_ids = split_validation(dataset, self.fold.train, self.spec.val_fraction, self.spec.seed)
+        trainable = submission.trainable(schedule=self.spec.schedule)
+        start = time.perf_counter()
+        predictor = trainable.fit([dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids], self.run_dir / "models" / self.fold.name)
+        return predictor, time.perf_counter() - start
+
+
+def split_validation(dataset: Dataset, train_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out ``fraction`` of a training fold for validation, stratified by site, deterministically."""
+    import numpy as np
+
+    if fraction <= 0 or len(train_ids) < 3:
+        return list(train_ids), []
+    rng = np.random.default_rng(seed)
+    by_site: dict[str, list[str]] = {}
+    for case_id in train_ids:
+        by_site.setdefault(dataset.case(case_id).site, []).append(case_id)
+    val: list[str] = []
+    for site in sorted(by_site):
+        ids = sorted(by_site[site])
+        n_val = int(round(fraction * len(ids)))
+        val.extend(rng.permutation(ids)[:n_val].tolist())
+    if not val:
+        val = [sorted(train_ids)[0]]
+    return [i for i in train_ids if i not in set(val)], sorted(val)
+
+
+def score_case(predictor, case: Case, prediction_path: Path, convention: str) -> tuple[dict, object]:
+    """Predict one case, save the mask, score it; returns the case row and its per-lesion rows.
+
+    The lesion rows are a :class:`bench.metrics.LesionMatches` (reference lesions detected or missed,
+    predicted components matched or false positive). Any failure of the predictor (exception, wrong
+    shape, non-binary output) becomes a failed row with the reason; the benchmark goes on.
+    """
+    import numpy as np
+
+    from bench.imageio import write_image
+    from bench.metrics import compute_metrics, lesion_matches
+
+    row: dict = {"case_id": case.case_id, "site": case.site, "status": "ok", "error": ""}
+    geometry = case.geometry
+    try:
+        start = time.perf_counter()
+        mask = np.asarray(predictor.predict(case))
+        row["predict_s"] = time.perf_counter() - start
+        if mask.shape != tuple(geometry.shape):
+            raise ValueError(f"prediction has shape {mask.shape}, the case's native grid is {tuple(geometry.shape)}")
+        if mask.dtype != bool:
+            values = np.unique(mask)
+            if not set(values.tolist()) <= {0, 1}:
+                raise ValueError(f"prediction has values {values[:8].tolist()}, expected 0/1")
+            mask = mask.astype(bool)
+    except Exception as exc:
+        return row | {"status": "failed", "error": f"prediction failed: {type(exc).__name__}: {exc}"}, []
+    write_image(mask.astype(np.uint8), geometry, prediction_path)
+    start = time.perf_counter()
+    reference = case.load_label()
+    metrics = compute_metrics(mask, reference, geometry.spacing, convention=convention)
+    lesions = lesion_matches(mask, reference, geometry.spacing)
+    row["score_s"] = time.perf_counter() - start
+    return row | metrics | {"prediction_path": str(prediction_path)}, lesions
+
+
+class Executor(Protocol):
+    """Runs work units. Units are independent and idempotent, so any order and any retry is safe."""
+
+    def map(self, units: Sequence[FoldUnit], on_result: Callable[[UnitResult], None] | None = None) -> list[UnitResult]: ...
+
+
+def _execute(unit: FoldUnit) -> UnitResult:
+    return unit.execute()
+
+
+@dataclass
+class LocalExecutor:
+    """Runs units in this process (``workers=1``) or in a pool of spawned local processes."""
+
+    workers: int = 1
+    results: list[UnitResult] = field(default_factory=list)
+
+    def map(self, units: Sequence[FoldUnit], on_result: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:
+        results: list[UnitResult] = []
+        if self.workers <= 1:
+            for unit in units:
+                results.append(unit.execute())
+                if on_result:
+                    on_result(results[-1])
+            return results
+        # spawn, not fork: torch and SQLAlchemy engines must not be inherited by children.
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn")) as pool:
+            for result in pool.map(_execute, units):
+                results.append(result)
+                if on_result:
+                    on_result(result)
+        return results
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run as registered in the store, with the units that produce its rows."""
+
+    run_id: str
+    submission_name: str
+    units: tuple[FoldUnit, ...]
+
+
+def plan_run(spec: RunSpec) -> PlannedRun:
+    """Register dataset, submission and run in the store; return the run's units (nothing is executed)."""
+    from bench.store import Store
+    from bench.submissions import load_submission
+
+    dataset = Dataset.load(spec.dataset)
+    submission = load_submission(spec.submission)
+    preprocessing_id = submission.preprocessing_id
+    identity = run_id(
+        submission_hash=submission.content_hash,
+        dataset_version=dataset.version,
+        preprocessing_id=preprocessing_id,
+        protocol=spec.protocol,
+        folds=spec.folds,
+        seed=spec.seed,
+        convention=spec.convention,
+    )
+    folds = dataset.splits(spec.protocol, k=spec.folds, seed=spec.seed)
+    store = Store.from_url(spec.db_url)
+    store.create_all()
+    store.upsert_dataset(dataset)
+    store.upsert_submission(submission)
+    store.start_run(
+        run_id=identity,
+        submission=submission,
+        dataset=dataset,
+        protocol=spec.protocol,
+        convention=spec.convention,
+        preprocessing_id=preprocessing_id,
+        code_version=CODE_VERSION,
+        config=json.loads(spec.model_dump_json()),
+        environment=describe_environment(),
+    )
+    return PlannedRun(identity, submission.name, tuple(FoldUnit(spec, identity, fold) for fold in folds))
+
+
+def describe_environment() -> dict:
+    """Device, GPU name and library versions, recorded with each run."""
+    import platform
+
+    info = {"host": platform.node(), "python": platform.python_version(), "cpus": os.cpu_count(), "device": "cpu", "gpu": None}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["device"] = "cuda"
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:  # torch is optional for scoring-only runs
+        pass
+    return info
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (and CUDA peak if used), in MB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
+    except ImportError:
+        pass
+    return peak
+
+
+def run_benchmark(specs: Sequence[RunSpec], *, workers: int = 1, on_result: Callable[[UnitResult], None] | None = None) -> dict[str, list[UnitResult]]:
+    """Plan every run, execute all their units with a :class:`LocalExecutor`, close the runs.
+
+    Returns the unit results per run id. Safe to call again after an interruption: finished cases are
+    skipped, finished trainings are loaded from their run folder.
+    """
+    from bench.store import Store
+
+    planned = [plan_run(spec) for spec in specs]
+    started = time.perf_counter()
+    results = LocalExecutor(workers).map([unit for run in planned for unit in run.units], on_result)
+    elapsed = time.perf_counter() - started
+    by_run: dict[str, list[UnitResult]] = {run.run_id: [] for run in planned}
+    for result in results:
+        by_run[result.run_id].append(result)
+    for spec, run in zip(specs, planned):
+        unit_results = by_run[run.run_id]
+        Store.from_url(spec.db_url).finish_run(
+            run.run_id,
+            status="failed" if any(r.error for r in unit_results) else "done",
+            timings={"train_s": sum(r.train_s for r in unit_results), "wall_s": elapsed},
+            peak_memory_mb=peak_memory_mb(),
+        )
+    return by_run
+
+
+def run_command(
+    submissions: list[Path] = typer.Argument(..., help="Submission folders (each with a submission.yaml).", exists=True, file_okay=False),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name under the data root, or a path to a dataset folder."),
+    protocol: list[str] = typer.Option(["kfold"], "--protocol", "-p", help="kfold and/or loso (repeat the option for both)."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Number of folds of the site-stratified k-fold."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the k-fold split."),
+    convention: str = typer.Option("bench", "--convention", help="Metric convention (docs/metrics.md)."),
+    schedule: str = typer.Option("auto", "--schedule", help="Training schedule of trainable submissions: auto (gpu if CUDA), cpu or gpu."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Run this many fold units in parallel local processes."),
+    data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding the datasets (default: datasets/)."),
+    results_dir: Path | None = typer.Option(None, "--results", help="Folder for predictions, models and the default database (default: results/)."),
+    db: str | None = typer.Option(None, "--db", help="SQLAlchemy URL of the results database (default: sqlite:///<results>/bench.db)."),
+) -> None:
+    """Benchmark submissions on a dataset: train per fold if trainable, predict held-out cases, score, store.
+
+    Rerunning the same command resumes: finished cases are skipped and trained folds are reloaded.
+    """
+    from rich.console import Console
+
+    from bench.settings import BenchSettings
+
+    console = Console()
+    settings = BenchSettings(**{k: v for k, v in {"data_root": data_root, "results_dir": results_dir, "db_url": db}.items() if v is not None})
+    dataset_path = Path(dataset) if Path(dataset).is_dir() else settings.data_root / dataset
+    if not (dataset_path / "dataset.json").is_file():
+        console.print(f"[red]error:[/red] no dataset at {dataset_path} (create one with `bench data synth --out {dataset_path}`)")
+        raise typer.Exit(2)
+    for name in protocol:
+        if name not in ("kfold", "loso"):
+            console.print(f"[red]error:[/red] unknown protocol {name!r}: use kfold or loso")
+            raise typer.Exit(2)
+    specs = [
+        RunSpec(submission=path, dataset=dataset_path, protocol=name, folds=folds, seed=seed, convention=convention,
+                schedule=schedule, results_dir=settings.results_dir, db_url=settings.database_url)
+        for path in submissions
+        for name in protocol
+    ]
+
+    def report(result: UnitResult) -> None:
+        status = "[red]failed[/red]" if result.error or result.failed else "[green]ok[/green]"
+        console.print(f"  {status} run {result.run_id} {result.fold}: scored {result.scored}, failed {result.failed}, "
+                      f"already stored {result.skipped}" + (f", trained in {result.train_s:.1f} s" if result.train_s else ""))
+        if result.error:
+            console.print(f"[dim]{result.error.strip().splitlines()[-1]}[/dim]")
+
+    console.print(f"Benchmarking {len(submissions)} submission(s) on {dataset_path} ({', '.join(protocol)}); results in {settings.database_url}")
+    try:
+        by_run = run_benchmark(specs, workers=workers, on_result=report)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    failed = sum(r.failed for results in by_run.values() for r in results)
+    console.print(f"Done: {len(by_run)} run(s); {failed} case(s) failed. See `bench leaderboard --db {settings.database_url}`.")

@@ -1,0 +1,165 @@
+"""Export a trained fold as a submission folder (``torchscript`` or ``nnunet``).
+
+* ``torchscript`` (MONAI-trainer runs): the network wrapped with its flip test-time augmentation
+  (:class:`~bench.models.inference.MirroredSoftmax`) is traced at the training patch size, so the
+  exported model outputs class *probabilities* and the manifest says ``activation: none``; sliding
+  windows, Gaussian blending, threshold and preprocessing are those the run used.
+* ``nnunet`` (nnU-Net runs): nnU-Net's trained-model folder (``plans.json``, ``dataset.json``,
+  ``fold_0/checkpoint_final.pth``). The checkpoint is rewritten to hold only tensors and plain data
+  (weights, configuration name, mirroring axes), so it loads with ``torch.load(weights_only=True)``
+  and needs no ``allow_code``; it names ``nnUNetTrainer`` as its trainer, whose network is the one
+  every schedule trains.
+
+The manifest's descriptive fields (name, version, authors, description, licence) come from the source
+submission recorded in the run folder. The folder is written to a temporary sibling, checked against
+:mod:`bench.submissions.manifest`, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from bench.models.runfolder import MODEL_FILE, RunFolderError, read_run_record
+
+ExportFormat = Literal["torchscript", "nnunet"]
+MANIFEST_NAME = "submission.yaml"
+DEFAULT_LICENCE = "Apache-2.0"
+
+
+class ExportError(ValueError):
+    """A run folder cannot be exported in the requested format; the message says why."""
+
+
+def export_fold(run_dir: Path, out_dir: Path, format: ExportFormat = "torchscript", *, name: str | None = None, overwrite: bool = False) -> Path:
+    """Write the trained fold in ``run_dir`` as a submission folder ``out_dir`` (see the module docstring)."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    record = read_run_record(run_dir)
+    trainer = record["identity"].get("trainer")
+    if format not in ("torchscript", "nnunet"):
+        raise ExportError(f"unknown export format {format!r}; use 'torchscript' or 'nnunet'")
+    if format == "torchscript" and trainer != "monai":
+        raise ExportError(f"{run_dir}: a '{trainer}' run cannot be exported as torchscript (only MONAI-trainer runs can); use format='nnunet'")
+    if format == "nnunet" and trainer != "nnunet":
+        raise ExportError(f"{run_dir}: a '{trainer}' run cannot be exported as nnunet (only nnU-Net runs can); use format='torchscript'")
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir.parent))
+    try:
+        common = _descriptive_fields(record, run_dir, format, name)
+        manifest = _export_torchscript(run_dir, tmp) if format == "torchscript" else _export_nnunet(run_dir, record, tmp)
+        _write_manifest(tmp, {**common, **manifest})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _descriptive_fields(record: dict[str, Any], run_dir: Path, format: str, name: str | None) -> dict[str, Any]:
+    source = record.get("info", {}).get("source", {}) or {}
+    identity = record["identity"]
+    base = source.get("name") or run_dir.name
+    export_name = name or re.sub(r"[^a-z0-9._-]+", "-", f"{base}-{format}".lower()).strip("-.")[:64]
+    n_train, n_val = len(identity.get("train_cases", [])), len(identity.get("val_cases", []))
+    description = (
+        f"{source.get('description', 'Model trained by HIE-Bench.').strip()} "
+        f"Exported from the trained fold {run_dir.name} ({n_train} training and {n_val} validation cases, schedule '{identity.get('schedule')}')."
+    )
+    return {
+        "name": export_name,
+        "version": str(source.get("version", "1.0.0")),
+        "authors": list(source.get("authors") or ["HIE-Bench"]),
+        "description": description,
+        "licence": source.get("licence", DEFAULT_LICENCE),
+    }
+
+
+def _export_torchscript(run_dir: Path, folder: Path) -> dict[str, Any]:
+    import torch
+
+    from bench.models.inference import MirroredSoftmax
+    from bench.models.monai_model import ModelBundle
+
+    bundle = ModelBundle.load(run_dir / MODEL_FILE)
+    model = MirroredSoftmax(bundle.build_network(), bundle.inference.mirror_axes).eval()
+    example = torch.zeros((1, bundle.in_channels, *bundle.patch_size), dtype=torch.float32)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    torch.jit.save(traced, str(folder / "model.pt"))
+    preprocessing = bundle.preprocessing_config()
+    return {
+        "kind": "torchscript",
+        "model": "model.pt",
+        "inputs": {"channels": list(preprocessing.channels), "space": "preprocessed"},
+        "preprocessing": preprocessing.model_dump(mode="json"),
+        "patch_size": list(bundle.patch_size),
+        "overlap": bundle.inference.overlap,
+        "blend": "gaussian",
+        "activation": "none",  # the traced model already averages softmax probabilities over flips
+        "lesion_channel": 1,
+        "threshold": bundle.inference.threshold,
+        "sw_batch_size": bundle.inference.sw_batch_size,
+    }
+
+
+def _export_nnunet(run_dir: Path, record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    import torch
+
+    from bench.models.nnunet import FOLD, NnUNetWorkspace, load_nnunet_checkpoint, trainer_class_name
+    from bench.models.recipe import NnUNetRecipe
+
+    identity = record["identity"]
+    recipe = NnUNetRecipe.model_validate(identity["recipe"])
+    schedule = recipe.schedules[identity["schedule"]]
+    source = NnUNetWorkspace(run_dir / "nnunet", recipe.dataset_id).model_folder(trainer_class_name(schedule), recipe.configuration)
+    checkpoint_path = source / f"fold_{FOLD}" / "checkpoint_final.pth"
+    if not checkpoint_path.is_file():
+        raise RunFolderError(f"{checkpoint_path}: missing; the nnU-Net fold has not finished training")
+    model = folder / "model"
+    (model / f"fold_{FOLD}").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, model / name)
+    checkpoint = load_nnunet_checkpoint(checkpoint_path)
+    mirroring = checkpoint.get("inference_allowed_mirroring_axes")
+    torch.save(
+        {
+            "network_weights": checkpoint["network_weights"],
+            "trainer_name": "nnUNetTrainer",
+            "init_args": {"configuration": recipe.configuration, "fold": FOLD},
+            "inference_allowed_mirroring_axes": tuple(int(a) for a in mirroring) if mirroring is not None else None,
+            "current_epoch": int(checkpoint.get("current_epoch", 0)),
+        },
+        model / f"fold_{FOLD}" / "checkpoint_final.pth",
+    )
+    channels = json.loads((model / "dataset.json").read_text())["channel_names"]
+    return {
+        "kind": "nnunet",
+        "model_folder": "model",
+        "folds": [FOLD],
+        "checkpoint": "checkpoint_final.pth",
+        "tile_step_size": recipe.inference.tile_step_size,
+        "use_mirroring": recipe.inference.mirroring,
+        "inputs": {"channels": [channels[str(i)] for i in range(len(channels))], "space": "native"},
+    }
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Validate against the submission schema (a mismatch is a bug here, reported as such), then write."""
+    import yaml
+
+    from bench.submissions.manifest import parse_manifest
+
+    try:
+        parse_manifest(manifest)
+    except Exception as exc:
+        raise ExportError(f"the exported manifest does not match bench.submissions' schema: {exc}") from exc
+    (folder / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")

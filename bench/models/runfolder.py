@@ -1,0 +1,111 @@
+"""The run folder of one trained fold: file names, the identity check, atomic writes, devices.
+
+Layout written by the MONAI trainer (the nnU-Net adapter adds ``nnunet/``, see :mod:`bench.models.nnunet`)::
+
+    <run_dir>/run.json        what is trained here: recipe, schedule, preprocessing id, case ids
+    <run_dir>/checkpoint.pt   resumable training state (removed when training finishes)
+    <run_dir>/model.pt        the finished model (its presence means "done")
+    <run_dir>/history.csv     per-epoch loss, validation Dice, learning rate, throughput
+    <run_dir>/curves.png      loss and validation curves
+    <run_dir>/train.log       human-readable progress
+
+A run folder belongs to exactly one training: if ``run.json`` describes a different recipe or other
+cases, :func:`claim_run_dir` refuses to touch it rather than resume someone else's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.imageio import write_text_atomic
+
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "curves.png"
+LOG_FILE = "train.log"
+
+
+class RunFolderError(ValueError):
+    """A run folder holds something other than the training asked for; the message names the file."""
+
+
+def claim_run_dir(run_dir: Path, identity: dict[str, Any], info: dict[str, Any] | None = None) -> None:
+    """Create ``run_dir`` and record ``identity`` in ``run.json``, or check it matches the recorded one.
+
+    ``info`` (for example the source submission's name and authors, used by exports) is stored beside
+    the identity but not compared, so renaming a submission does not orphan its trained folds.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_FILE
+    canonical = json.loads(json.dumps(identity, sort_keys=True, default=str))
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunFolderError(f"{path}: not valid JSON ({exc}); delete the run folder to start again") from exc
+        recorded_identity = recorded.get("identity", {})
+        if recorded_identity != canonical:
+            changed = sorted(k for k in set(recorded_identity) | set(canonical) if recorded_identity.get(k) != canonical.get(k))
+            raise RunFolderError(
+                f"{path}: this run folder was made for a different training (differs in: {', '.join(changed)}); "
+                "use another run folder or delete this one"
+            )
+        return
+    record = {"identity": canonical, "info": json.loads(json.dumps(info or {}, default=str))}
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a run folder: ``{"identity": {...}, "info": {...}}``."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise RunFolderError(f"{path}: missing (is {run_dir} a run folder of bench.models?)")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(record, dict) or "identity" not in record:
+        raise RunFolderError(f"{path}: not a bench.models run record")
+    return record
+
+
+def torch_save_atomic(obj: Any, path: Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename (never a half-written file)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def append_log(run_dir: Path, message: str) -> None:
+    """Append one timestamped line to ``train.log``."""
+    with open(run_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+        handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+def select_device(preference: str | None = None):
+    """``torch.device``: ``preference`` if given (``"cpu"``, ``"cuda"``, ``"cuda:1"``), else (``None`` or
+    ``"auto"``) CUDA when present."""
+    import torch
+
+    if preference and preference != "auto":
+        device = torch.device(preference)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {preference!r} requested but CUDA is not available")
+        return device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -1,0 +1,633 @@
+"""The leaderboard, the static HTML report and the export of the results database.
+
+Three commands, each a thin layer over a plain function:
+
+``bench leaderboard``  -> :func:`leaderboard_table` (a DataFrame, also what the app shows) printed by
+                          :func:`render_leaderboard` as a rich table;
+``bench report``       -> :func:`write_report`, one self-contained HTML file (plotly.js inlined, so it
+                          opens without network);
+``bench export``       -> :func:`export_results`, a CSV or Parquet file of one table.
+
+A leaderboard compares like with like: one table per dataset version, protocol and metric convention.
+Statistics come from :mod:`bench.stats`, metric names, units and directions from
+:data:`bench.metrics.METRICS`. Heavy imports (pandas, SQLAlchemy, plotly) happen inside the functions,
+so importing this module for the CLI is cheap.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional, Sequence
+
+import typer
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.console import Console
+
+    from bench.store import Store
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "ExportFormat",
+    "export_command",
+    "export_results",
+    "fill_synthetic_results",
+    "leaderboard_command",
+    "leaderboard_table",
+    "open_store",
+    "render_leaderboard",
+    "report_command",
+    "time_leaderboard",
+    "write_report",
+]
+
+#: Metrics shown when none is asked for; the first one ranks.
+DEFAULT_METRICS: tuple[str, ...] = ("dice", "hd95", "lesion_f1")
+#: Columns that identify one leaderboard (rows of different groups are never ranked together).
+GROUP_COLUMNS: tuple[str, ...] = ("dataset", "dataset_version", "protocol", "convention")
+#: Tables ``bench export`` writes; the first three are joined with run and submission information.
+EXPORT_TABLES: tuple[str, ...] = ("case_results", "lesions", "runs", "submissions", "datasets", "dataset_cases", "artifacts", "jobs")
+
+
+class ExportFormat(str, Enum):
+    """File formats of ``bench export``."""
+
+    csv = "csv"
+    parquet = "parquet"
+
+
+class ResultsNotFound(RuntimeError):
+    """The database does not exist yet or holds no rows matching the filters."""
+
+
+# -- library functions --------------------------------------------------------------------------------------------
+
+
+def open_store(db: str | None = None) -> Store:
+    """The store of ``--db`` (URL or SQLite path), else of ``HIE_BENCH_DB_URL``, else ``results/bench.db``."""
+    from bench.settings import BenchSettings
+    from bench.store import Store
+
+    return Store(db) if db else Store(BenchSettings())
+
+
+def _require_results(store: Store) -> None:
+    if not store.has_results():
+        raise ResultsNotFound(f"no results database at {store.url.render_as_string(hide_password=True)} (run `bench run` first, or pass --db)")
+
+
+def leaderboard_table(
+    store: Store,
+    *,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    dataset: str | None = None,
+    protocol: str | None = None,
+    convention: str | None = None,
+    site: str | None = None,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The leaderboard as a DataFrame: one row per submission and (dataset, protocol, convention).
+
+    Reads only the needed columns of the latest run of every submission in one query, then calls
+    :func:`bench.stats.leaderboard` per group. Columns: ``dataset``, ``dataset_version``, ``protocol``,
+    ``convention``, ``site`` (the ``site`` filter or ``overall``) and those of
+    :func:`bench.stats.leaderboard` (``rank``, ``submission``, ``n_cases``, ``n_failed``, per metric
+    ``m``, ``m_lo``, ``m_hi``, ``m_median``, ``m_capped``, ``rank_stability``, ``mean_rank``,
+    ``rank_then_aggregate``). Empty when nothing matches.
+    """
+    import pandas as pd
+
+    from bench import stats
+
+    metrics = list(dict.fromkeys(metrics))
+    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=metrics, details=False)
+    tables = []
+    for key, group in frame.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
+        table = stats.leaderboard(group, metrics, n_boot=n_boot, confidence=confidence, seed=seed)
+        for column, value in reversed(list(zip(GROUP_COLUMNS, key))):
+            table.insert(0, column, value)
+        table.insert(len(GROUP_COLUMNS), "site", site or stats.OVERALL)
+        tables.append(table)
+    if not tables:
+        return pd.DataFrame(columns=[*GROUP_COLUMNS, "site", "rank", "submission", "n_cases", "n_failed"])
+    return pd.concat(tables, ignore_index=True)
+
+
+def _fmt(value: float) -> str:
+    """Three significant decimals for ratios, fewer for large numbers; a dash for NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    magnitude = abs(value)
+    return f"{value:.0f}" if magnitude >= 100 else f"{value:.1f}" if magnitude >= 10 else f"{value:.3f}"
+
+
+def metric_header(metric: str) -> str:
+    """``dice ↑``, ``hd95 [mm] ↓``: key, unit and better direction from :data:`bench.metrics.METRICS`."""
+    from bench.metrics import METRICS
+
+    info = METRICS[metric]
+    arrow = {True: " ↑", False: " ↓", None: ""}[info.higher_is_better]
+    unit = f" [{info.unit}]" if info.unit else ""
+    return f"{metric}{unit}{arrow}"
+
+
+def _cell(row: Any, metric: str) -> str:
+    text = f"{_fmt(row[metric])} [{_fmt(row[f'{metric}_lo'])}, {_fmt(row[f'{metric}_hi'])}]"
+    capped = int(row[f"{metric}_capped"])
+    return f"{text} ∞×{capped}" if capped else text
+
+
+def _caption(metrics: Sequence[str], confidence: float) -> str:
+    from bench.metrics import METRICS
+
+    names = "; ".join(f"{m}: {METRICS[m].name}" for m in metrics)
+    capped = [m for m in metrics if METRICS[m].inf_cap is not None]
+    cap_note = (
+        f" ∞×k: k cases with an infinite value (one mask empty), scored as the cap ({', '.join(f'{m} {METRICS[m].inf_cap:g}' for m in capped)})."
+        if capped
+        else ""
+    )
+    return (
+        f"Mean over cases [{confidence:.0%} bootstrap CI, cases resampled within site]. Failed or missing cases count as the worst value."
+        f" Rank: by mean of {metrics[0]}; stability: share of bootstrap resamples keeping that rank; mean rank: rank-then-aggregate.{cap_note} {names}."
+    )
+
+
+def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: Console | None = None, confidence: float = 0.95) -> None:
+    """Print a leaderboard DataFrame (from :func:`leaderboard_table`) as one rich table per group."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    metrics = list(dict.fromkeys(metrics))
+    for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
+        dataset, version, protocol, convention = key
+        site = group["site"].iloc[0]
+        rich_table = Table(
+            title=f"HIE-Bench leaderboard · {dataset} ({version}) · protocol {protocol} · site {site} · convention {convention}",
+            caption=_caption(metrics, confidence),
+            caption_justify="left",
+        )
+        rich_table.add_column("Rank", justify="right")
+        rich_table.add_column("Submission", style="bold")
+        rich_table.add_column("n", justify="right")
+        rich_table.add_column("failed", justify="right")
+        for metric in metrics:
+            rich_table.add_column(metric_header(metric), justify="right")
+        rich_table.add_column("stability", justify="right")
+        rich_table.add_column("mean rank", justify="right")
+        for _, row in group.iterrows():
+            rich_table.add_row(
+                "–" if math.isnan(row["rank"]) else str(int(row["rank"])),
+                str(row["submission"]),
+                str(int(row["n_cases"])),
+                str(int(row["n_failed"])),
+                *(_cell(row, metric) for metric in metrics),
+                "–" if math.isnan(row["rank_stability"]) else f"{row['rank_stability']:.0%}",
+                _fmt(row["mean_rank"]),
+            )
+        console.print(rich_table)
+
+
+def fill_synthetic_results(
+    store: Store,
+    *,
+    n_submissions: int = 3,
+    n_cases: int = 20,
+    n_sites: int = 3,
+    protocols: Sequence[str] = ("loso",),
+    failed_fraction: float = 0.0,
+    with_lesions: bool = False,
+    dataset: str = "synthetic",
+    seed: int = 0,
+) -> list[str]:
+    """Fill a store with plausible random results (for timings, demos and tests); returns the run ids.
+
+    Registers a dataset of ``n_cases`` cases over ``n_sites`` sites and ``n_submissions`` submissions of
+    increasing skill, each run under every protocol (k-fold scores a little higher than leave-one-site-out,
+    as on real data). About ``failed_fraction`` of the cases fail; 2 % of the distances are infinite.
+    """
+    import numpy as np
+
+    from bench.metrics import METRICS
+
+    rng = np.random.default_rng(seed)
+    version = f"{dataset}-v1"
+    store.create_all()
+    store.upsert_dataset(_SyntheticDataset(dataset, version, n_cases, n_sites))
+    run_ids = []
+    for s in range(n_submissions):
+        content_hash = f"{dataset}-sub{s:04d}"
+        store.upsert_submission(content_hash=content_hash, name=f"model-{s:03d}", version="1", kind="synthetic")
+        for protocol in protocols:
+            run_id = f"{dataset}-{protocol}-{s:04d}"
+            store.start_run(run_id=run_id, submission=content_hash, dataset=version, protocol=protocol)
+            skill = 0.3 + 0.5 * (s + 1) / (n_submissions + 1) + (0.05 if protocol == "kfold" else 0.0)
+            rows, lesions = [], []
+            for c in range(n_cases):
+                site = f"site{c % n_sites}"
+                row = {"run_id": run_id, "case_id": f"case{c:05d}", "site": site, "fold": site if protocol == "loso" else f"fold{c % 5}"}
+                if rng.random() < failed_fraction:
+                    rows.append(row | {"status": "failed", "error": "synthetic failure"})
+                    lesions.append([])
+                    continue
+                rows.append(row | {"status": "ok", "empty": "none", **{key: _synthetic_value(METRICS[key], skill, rng) for key in METRICS}})
+                case_lesions = []
+                if with_lesions:
+                    for lesion_id in range(1, int(rng.integers(1, 4)) + 1):
+                        volume = float(rng.lognormal(-1.5, 1.2))
+                        case_lesions.append({"kind": "ref", "lesion_id": lesion_id, "detected": bool(rng.random() < skill + 0.2 * min(volume, 1.0)), "volume_ml": volume})
+                    if rng.random() < 1.0 - skill:
+                        case_lesions.append({"kind": "pred", "lesion_id": 1, "false_positive": True, "volume_ml": float(rng.lognormal(-3.0, 1.0))})
+                lesions.append(case_lesions)
+            store.record_case_results(rows, lesions)
+            store.finish_run(run_id)
+            run_ids.append(run_id)
+    return run_ids
+
+
+def time_leaderboard(
+    n_rows: int = 100_000,
+    *,
+    n_submissions: int = 50,
+    n_sites: int = 4,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    n_boot: int = 1000,
+    repeats: int = 3,
+    db_url: str | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Time :func:`leaderboard_table` on a synthetic database of ``n_rows`` per-case rows.
+
+    Fills a fresh SQLite file in a temporary folder (or ``db_url``, which must be empty) with
+    ``n_submissions`` runs of ``n_rows / n_submissions`` cases each (:func:`fill_synthetic_results`),
+    then times a leaderboard the way a page view computes it, best of ``repeats``. Returns ``rows``,
+    ``fill_s``, ``query_s`` (reading the rows), ``stats_s`` (bootstrap CIs and ranks) and ``total_s``
+    (:func:`leaderboard_table`, both together).
+    """
+    from bench import stats
+    from bench.store import Store
+
+    with tempfile.TemporaryDirectory(prefix="hie-bench-timing-") as folder:
+        store = Store(db_url or f"sqlite:///{folder}/bench.db")
+        started = time.perf_counter()
+        fill_synthetic_results(store, n_submissions=n_submissions, n_cases=max(1, n_rows // n_submissions), n_sites=n_sites, seed=seed, dataset="timing")
+        fill_s = time.perf_counter() - started
+        timings: dict[str, list[float]] = {"query_s": [], "stats_s": [], "total_s": []}
+        for _ in range(repeats):
+            started = time.perf_counter()
+            frame = store.case_results_frame(protocol="loso", metrics=list(metrics), details=False)
+            timings["query_s"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            stats.leaderboard(frame, list(metrics), n_boot=n_boot, seed=seed)
+            timings["stats_s"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            leaderboard_table(store, metrics=metrics, protocol="loso", n_boot=n_boot, seed=seed)
+            timings["total_s"].append(time.perf_counter() - started)
+        store.dispose()
+    return {"rows": float(len(frame)), "fill_s": fill_s, **{key: min(values) for key, values in timings.items()}}
+
+
+class _SyntheticDataset:
+    """Just enough of :class:`bench.data.dataset.Dataset` for :meth:`Store.upsert_dataset`."""
+
+    def __init__(self, name: str, version: str, n_cases: int, n_sites: int) -> None:
+        from types import SimpleNamespace
+
+        self.name, self.version, self.root, self.channel_names = name, version, "", ("ADC", "Z-ADC")
+        self.cases = [SimpleNamespace(case_id=f"case{c:05d}", site=f"site{c % n_sites}", metadata={}) for c in range(n_cases)]
+
+
+def _synthetic_value(info: Any, skill: float, rng: Any) -> float:
+    """A plausible random value of a metric for a submission of some skill (0..1)."""
+    if info.range == (0.0, 1.0):
+        return float(min(1.0, max(0.0, rng.normal(skill, 0.15))))
+    if info.inf_cap is not None and rng.random() < 0.02:
+        return math.inf  # an empty prediction: infinite distance, capped when aggregated
+    return float(abs(rng.normal(10.0 * (1.0 - skill), 3.0)))
+
+
+# -- the HTML report -------------------------------------------------------------------------------------------------------
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+h1{font-size:1.6rem} h2{margin-top:2.5rem;border-bottom:1px solid #ddd;padding-bottom:.3rem} h3{margin-top:1.8rem}
+table.board{border-collapse:collapse;font-size:.9rem;margin:.5rem 0} table.board th,table.board td{padding:.3rem .6rem;border-bottom:1px solid #eee;text-align:right}
+table.board th{background:#f5f5f5} table.board td.name,table.board th.name{text-align:left;font-weight:600}
+p.note{color:#555;font-size:.85rem;max-width:60rem}
+"""
+
+
+def _html_table(frame: pd.DataFrame, *, name_columns: Sequence[str] = ()) -> str:
+    """A plain HTML table (values escaped) with the report's styling."""
+    head = "".join(f'<th class="{"name" if c in name_columns else ""}">{html.escape(str(c))}</th>' for c in frame.columns)
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for column, value in zip(frame.columns, row):
+            text = _fmt(value) if isinstance(value, float) else str(value)
+            cells.append(f'<td class="{"name" if column in name_columns else ""}">{html.escape(text)}</td>')
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<table class="board"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _board_html(group: pd.DataFrame, metrics: Sequence[str]) -> str:
+    import pandas as pd
+
+    shown = pd.DataFrame(
+        {
+            "Rank": ["–" if math.isnan(r) else str(int(r)) for r in group["rank"]],
+            "Submission": group["submission"].astype(str),
+            "n": group["n_cases"].astype(int).astype(str),
+            "failed": group["n_failed"].astype(int).astype(str),
+            **{metric_header(m): [_cell(row, m) for _, row in group.iterrows()] for m in metrics},
+            "stability": ["–" if math.isnan(v) else f"{v:.0%}" for v in group["rank_stability"]],
+            "mean rank": [_fmt(v) for v in group["mean_rank"]],
+        }
+    )
+    return _html_table(shown, name_columns=("Submission",))
+
+
+def write_report(
+    store: Store,
+    out: str | Path,
+    *,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    dataset: str | None = None,
+    protocol: str | None = None,
+    convention: str | None = None,
+    site: str | None = None,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    failure_metric: str = "dice",
+    failure_threshold: float = 0.1,
+    worst_n: int = 5,
+) -> Path:
+    """Write a self-contained HTML report (plotly.js inlined) and return its path.
+
+    Per dataset, protocol and convention: the leaderboard, per-site box plots of every metric, the
+    rank stability (challengeR blob plot), Holm-corrected pairwise Wilcoxon p-values, the worst cases
+    of every submission, cases that every submission fails (``failure_metric`` worse than
+    ``failure_threshold``) and detection of reference lesions by size. When a dataset has both
+    ``kfold`` and ``loso`` runs, the site generalization gap follows. The file is written atomically.
+    """
+    import plotly.graph_objects as go
+
+    from bench import stats
+    from bench.imageio import write_text_atomic
+    from bench.metrics import METRICS
+
+    _require_results(store)
+    metrics = list(dict.fromkeys(metrics))
+    wanted = list(dict.fromkeys([*metrics, failure_metric]))
+    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=wanted)
+    if frame.empty:
+        raise ResultsNotFound("no case results match the filters")
+    lesion_rows = store.lesion_frame(dataset=dataset, protocol=protocol, convention=convention, site=site)
+    board = leaderboard_table(store, metrics=metrics, dataset=dataset, protocol=protocol, convention=convention, site=site, n_boot=n_boot, confidence=confidence, seed=seed)
+    primary = metrics[0]
+    rankable = METRICS[primary].higher_is_better is not None
+    figures: list[str] = []
+
+    def figure(fig: go.Figure) -> str:
+        fig.update_layout(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50))
+        figures.append(fig.to_html(full_html=False, include_plotlyjs=not figures, config={"displaylogo": False}))
+        return figures[-1]
+
+    sections = []
+    for key, group in frame.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
+        dataset_name, version, protocol_name, convention_name = key
+        parts = [f"<h2>{html.escape(f'{dataset_name} ({version}) · protocol {protocol_name} · convention {convention_name}')}</h2>"]
+        group_board = board[(board[list(GROUP_COLUMNS)] == list(key)).all(axis=1)]
+        parts += ["<h3>Leaderboard</h3>", _board_html(group_board, metrics), f'<p class="note">{html.escape(_caption(metrics, confidence))}</p>']
+        order = group_board["submission"].tolist()
+
+        parts.append("<h3>Scores per site</h3>")
+        parts.append('<p class="note">Failed or missing cases are drawn at the worst value, infinite distances at the cap.</p>')
+        for metric in metrics:
+            matrix = stats.score_matrix(group, metric)
+            fig = go.Figure()
+            for submission in order:
+                j = int(list(matrix.submissions).index(submission))
+                fig.add_trace(go.Box(x=matrix.sites, y=matrix.values[:, j], name=submission, boxpoints="outliers"))
+            fig.update_layout(title=metric_header(metric), boxmode="group", yaxis_title=f"{metric} [{METRICS[metric].unit}]" if METRICS[metric].unit else metric, height=420)
+            parts.append(figure(fig))
+
+        if rankable and len(order) > 1:
+            parts.append("<h3>Rank stability</h3>")
+            stability = stats.rank_stability(group, primary, n_boot=n_boot, confidence=confidence, seed=seed)
+            dist = stability.distribution[stability.distribution["fraction"] > 0]
+            fig = go.Figure(
+                go.Scatter(
+                    x=dist["submission"], y=dist["rank"], mode="markers",
+                    marker=dict(size=6 + 40 * dist["fraction"].to_numpy() ** 0.5, color=dist["fraction"], colorscale="Blues", showscale=True, colorbar=dict(title="share")),
+                    text=[f"{f:.0%}" for f in dist["fraction"]], hovertemplate="%{x}: rank %{y} in %{text} of resamples<extra></extra>",
+                )
+            )
+            fig.update_layout(title=f"Bootstrap rank distribution ({primary}, aggregate-then-rank, {n_boot} resamples)", xaxis=dict(categoryorder="array", categoryarray=order), yaxis=dict(title="rank", autorange="reversed", dtick=1), height=380)
+            parts.append(figure(fig))
+            parts.append(_html_table(stability.summary, name_columns=("submission",)))
+
+            tests = stats.pairwise_wilcoxon(group, primary)
+            parts.append("<h3>Pairwise Wilcoxon signed-rank tests (Holm-corrected)</h3>")
+            matrix_p = {(a, b): p for a, b, p in zip(tests["submission_a"], tests["submission_b"], tests["p_holm"])}
+            z = [[1.0 if a == b else matrix_p.get((a, b), matrix_p.get((b, a), math.nan)) for b in order] for a in order]
+            fig = go.Figure(go.Heatmap(z=z, x=order, y=order, zmin=0, zmax=1, colorscale="RdBu", colorbar=dict(title="p (Holm)"), hovertemplate="%{y} vs %{x}: p = %{z:.3g}<extra></extra>"))
+            fig.update_layout(title=f"{primary}: Holm-adjusted p-values", yaxis=dict(autorange="reversed"), height=120 + 40 * len(order))
+            parts.append(figure(fig))
+            significant = tests[tests["significant"]]
+            if not significant.empty:
+                parts.append(_html_table(significant[["submission_a", "submission_b", "n", "median_diff", "p_holm", "better"]], name_columns=("submission_a", "submission_b", "better")))
+
+        parts.append("<h3>Failure cases</h3>")
+        parts.append(f"<p>Worst {worst_n} cases per submission ({html.escape(primary)}):</p>")
+        parts.append(_html_table(stats.worst_cases(group, primary, n=worst_n), name_columns=("submission",)))
+        if METRICS[failure_metric].higher_is_better is not None:
+            hard = stats.cases_failed_by_all(group, failure_metric, threshold=failure_threshold)
+            parts.append(f"<p>Cases every submission fails ({html.escape(failure_metric)} worse than {failure_threshold:g}, or failed): {len(hard)}</p>")
+            if not hard.empty:
+                parts.append(_html_table(hard, name_columns=("case_id",)))
+        group_lesions = lesion_rows[lesion_rows["run_id"].isin(group["run_id"].unique())]
+        if not group_lesions.empty:
+            by_size = stats.missed_lesions_by_size(group_lesions)
+            fig = go.Figure([go.Bar(x=part["size_bin"], y=part["detection_rate"], name=name, customdata=part[["n_detected", "n_lesions"]], hovertemplate="%{x}: %{customdata[0]} of %{customdata[1]} detected<extra>" + html.escape(str(name)) + "</extra>") for name, part in by_size.groupby("submission", sort=False)])
+            fig.update_layout(title="Reference lesions detected, by lesion volume", yaxis=dict(title="detection rate", range=[0, 1.05]), barmode="group", height=380)
+            parts.append(figure(fig))
+            parts.append(_html_table(by_size.drop(columns=["low_ml", "high_ml"]), name_columns=("submission",)))
+        sections.append("\n".join(parts))
+
+    gap_sections = []
+    if rankable and {"kfold", "loso"} <= set(frame["protocol"]):
+        both = store.case_results_frame(dataset=dataset, convention=convention, site=site, metrics=[primary])
+        for (dataset_name, version, convention_name), group in both.groupby(["dataset", "dataset_version", "convention"], sort=True, observed=True):
+            gap = stats.generalization_gap(group, primary, n_boot=n_boot, confidence=confidence, seed=seed)
+            if gap.empty:
+                continue
+            fig = go.Figure(
+                [
+                    go.Bar(x=part["site"], y=part["gap"], name=name, error_y=dict(type="data", symmetric=False, array=part["gap_hi"] - part["gap"], arrayminus=part["gap"] - part["gap_lo"]))
+                    for name, part in gap.groupby("submission", sort=True)
+                ]
+            )
+            fig.update_layout(title=f"{dataset_name} ({version}): {primary} lost on an unseen site (k-fold minus leave-one-site-out; > 0 is worse)", barmode="group", yaxis_title=f"gap in {primary}", height=400)
+            gap_sections.append(f"<h2>Site generalization gap · {html.escape(f'{dataset_name} ({version}) · {convention_name}')}</h2>" + figure(fig) + _html_table(gap, name_columns=("submission",)))
+
+    from datetime import datetime, timezone
+
+    body = "\n".join(sections + gap_sections)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>HIE-Bench report</title><style>{_STYLE}</style></head>
+<body><h1>HIE-Bench report</h1>
+<p class="note">Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from {html.escape(store.url.render_as_string(hide_password=True))};
+{frame['submission'].nunique()} submissions, {frame['case_id'].nunique()} cases{html.escape(f', site {site}' if site else '')}. Statistics: docs/results.md.</p>
+{body}
+</body></html>
+"""
+    return write_text_atomic(out, page)
+
+
+# -- export ---------------------------------------------------------------------------------------------------------------
+
+
+def export_results(
+    store: Store,
+    out: str | Path,
+    *,
+    table: str = "case_results",
+    format: str | None = None,
+    dataset: str | None = None,
+    protocol: str | None = None,
+    all_runs: bool = False,
+) -> Path:
+    """Write one table of the database to CSV or Parquet (atomically); returns the path.
+
+    ``case_results``, ``lesions`` and ``runs`` carry the submission and dataset of each row and obey
+    ``dataset`` / ``protocol``; ``case_results`` and ``lesions`` hold the latest run of every submission
+    unless ``all_runs``. Other tables are written whole. ``format`` defaults to the file suffix.
+    JSON columns are written as JSON text.
+    """
+    import json
+
+    _require_results(store)
+    out = Path(out)
+    format = format or out.suffix.lstrip(".").lower()
+    if format not in {f.value for f in ExportFormat}:
+        raise ValueError(f"{out}: unknown export format {format!r}; use --format csv or parquet")
+    if table not in EXPORT_TABLES:
+        raise ValueError(f"unknown table {table!r}; choose one of {', '.join(EXPORT_TABLES)}")
+    filters = {"dataset": dataset, "protocol": protocol}
+    if table == "case_results":
+        frame = store.case_results_frame(**filters, latest_only=not all_runs)
+    elif table == "lesions":
+        frame = store.lesion_frame(**filters, latest_only=not all_runs)
+    elif table == "runs":
+        frame = store.runs_frame(**filters)
+    else:
+        frame = store.table_frame(table)
+    for column in frame.columns:
+        if frame[column].map(lambda v: isinstance(v, (dict, list))).any():
+            frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        if format == "csv":
+            frame.to_csv(temporary, index=False)
+        else:
+            frame.to_parquet(temporary, index=False)
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return out
+
+
+# -- CLI commands (registered by bench.cli) ---------------------------------------------------------------------------------
+
+_DbOption = Annotated[Optional[str], typer.Option("--db", help="Database URL or SQLite file (default: $HIE_BENCH_DB_URL, else results/bench.db).")]
+_MetricOption = Annotated[
+    Optional[list[str]], typer.Option("--metric", "-m", help=f"Metric to show (repeatable; the first ranks). Default: {', '.join(DEFAULT_METRICS)}.")
+]
+_DatasetOption = Annotated[Optional[str], typer.Option("--dataset", help="Dataset name or version (default: every dataset, one table each).")]
+_ProtocolOption = Annotated[Optional[str], typer.Option("--protocol", help="kfold or loso (default: every protocol, one table each).")]
+_SiteOption = Annotated[Optional[str], typer.Option("--site", help="Only cases of this site (bootstrap within it).")]
+_BootOption = Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples for CIs and rank stability.")]
+_SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    raise typer.Exit(1)
+
+
+def leaderboard_command(
+    metric: _MetricOption = None,
+    site: _SiteOption = None,
+    protocol: _ProtocolOption = None,
+    dataset: _DatasetOption = None,
+    db: _DbOption = None,
+    bootstrap: _BootOption = 1000,
+    seed: _SeedOption = 0,
+) -> None:
+    """Print the leaderboard: mean [95% CI] per metric, rank, rank stability, failed and capped cases."""
+    from bench.store import StoreError
+
+    metrics = list(metric or DEFAULT_METRICS)
+    try:
+        store = open_store(db)
+        _require_results(store)
+        table = leaderboard_table(store, metrics=metrics, dataset=dataset, protocol=protocol, site=site, n_boot=bootstrap, seed=seed)
+    except (ResultsNotFound, StoreError, KeyError, ValueError) as exc:
+        _fail(str(exc).strip('"'))
+    if table.empty:
+        _fail("no case results match the filters")
+    render_leaderboard(table, metrics)
+
+
+def report_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("results/report.html"),
+    metric: _MetricOption = None,
+    site: _SiteOption = None,
+    protocol: _ProtocolOption = None,
+    dataset: _DatasetOption = None,
+    db: _DbOption = None,
+    bootstrap: _BootOption = 1000,
+    seed: _SeedOption = 0,
+) -> None:
+    """Write a static HTML report: leaderboard, per-site box plots, rank stability, tests, failure cases."""
+    from bench.store import StoreError
+
+    try:
+        path = write_report(open_store(db), out, metrics=list(metric or DEFAULT_METRICS), dataset=dataset, protocol=protocol, site=site, n_boot=bootstrap, seed=seed)
+    except (ResultsNotFound, StoreError, KeyError, ValueError) as exc:
+        _fail(str(exc).strip('"'))
+    typer.echo(f"wrote {path}")
+
+
+def export_command(
+    out: Annotated[Path, typer.Argument(help="File to write (.csv or .parquet).")],
+    format: Annotated[Optional[ExportFormat], typer.Option("--format", "-f", help="csv or parquet (default: from the file suffix).")] = None,
+    table: Annotated[str, typer.Option("--table", help=f"One of: {', '.join(EXPORT_TABLES)}.")] = "case_results",
+    dataset: _DatasetOption = None,
+    protocol: _ProtocolOption = None,
+    all_runs: Annotated[bool, typer.Option("--all-runs", help="Every run, not only the latest of each submission.")] = False,
+    db: _DbOption = None,
+) -> None:
+    """Export a table of the results database (per-case results by default) to CSV or Parquet."""
+    from bench.store import StoreError
+
+    try:
+        path = export_results(open_store(db), out, table=table, format=format.value if format else None, dataset=dataset, protocol=protocol, all_runs=all_runs)
+    except (ResultsNotFound, StoreError, KeyError, ValueError) as exc:
+        _fail(str(exc).strip('"'))
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,359 @@
+"""The :class:`Submission` object, its content hash, and the errors and problems it reports.
+
+A submission is a folder with a ``submission.yaml``. :func:`load_submission` validates the manifest and
+returns a :class:`Submission`; :meth:`Submission.predictor` yields an object with
+``predict(case) -> bool mask`` on the case's native grid for every kind except ``trainable``, for
+which :meth:`Submission.trainable` yields a :class:`~bench.predictor.Trainable`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from bench.submissions.manifest import KINDS, MANIFEST_NAME, parse_manifest, read_manifest_data
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydantic import ValidationError
+
+    from bench.predictor import Trainable
+    from bench.preprocess import PreprocessingConfig
+    from bench.submissions.predictors import SubmissionPredictor
+
+#: Files and folders that do not count as a submission's content: caches that running it may create.
+IGNORED_NAMES: frozenset[str] = frozenset({"__pycache__", ".DS_Store", ".ipynb_checkpoints", ".pytest_cache"})
+IGNORED_SUFFIXES: tuple[str, ...] = (".pyc", ".pyo")
+
+#: What :attr:`Submission.preprocessing_id` is for models that receive native (unpreprocessed) cases.
+NATIVE_PREPROCESSING_ID = "native"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a submission, with where it is and how to fix it."""
+
+    severity: Literal["error", "warning"]
+    where: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.severity.upper()} {self.where}: {self.message}"
+        return f"{text} (fix: {self.fix})" if self.fix else text
+
+
+class SubmissionError(ValueError):
+    """A submission folder cannot be loaded; ``problems`` says what is wrong and how to fix it."""
+
+    def __init__(self, path: Path | str, problems: list[Problem]):
+        self.path = Path(path)
+        self.problems = problems
+        super().__init__(f"{path}: invalid submission\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class PredictionError(RuntimeError):
+    """A submission failed on one case; the harness records it as a failed row for that case."""
+
+    def __init__(self, case_id: str, message: str, fix: str = ""):
+        self.case_id = case_id
+        self.message = message
+        self.fix = fix
+        super().__init__(f"case {case_id}: {message}" + (f" (fix: {fix})" if fix else ""))
+
+
+class PredictionTimeout(PredictionError):
+    """The model did not return within its time limit (the worker process was killed)."""
+
+
+class PredictionCrash(PredictionError):
+    """The model raised an exception or its process died."""
+
+
+class InvalidPrediction(PredictionError):
+    """The model returned something that is not a binary mask on the case's grid."""
+
+
+class MissingPrediction(PredictionError):
+    """A ``predictions`` submission has no mask for the case."""
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    """How a predictor runs. Plain values, so they can be sent to a worker process as JSON.
+
+    Attributes:
+        time_limit_s: limit per case (the first case also pays for loading the model); ``None`` = manifest.
+        cache_dir: preprocessing cache folder, or ``None``.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``/``cuda:N``.
+        trust_code: the user allows evaluating code from the submission's files where the manifest asks
+            for it (``allow_code: true``); ``python`` submissions always run their code.
+    """
+
+    time_limit_s: float | None = None
+    cache_dir: str | None = None
+    device: str = "auto"
+    trust_code: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time_limit_s": self.time_limit_s, "cache_dir": self.cache_dir, "device": self.device, "trust_code": self.trust_code}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A loaded submission folder: its manifest, content hash and ways to run it."""
+
+    path: Path
+    manifest: Any = field(repr=False)  # one of the manifest classes in bench.submissions.manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @cached_property
+    def content_hash(self) -> str:
+        """SHA-256 (hex) over the folder's files: sorted relative paths and bytes (see :func:`content_hash`)."""
+        return content_hash(self.path)
+
+    @property
+    def preprocessing(self) -> "PreprocessingConfig | None":
+        """The preprocessing the model's inputs go through (``None``: it receives native cases)."""
+        return self.manifest.effective_preprocessing
+
+    @property
+    def preprocessing_id(self) -> str:
+        """What to store with results: the preprocessing id, or ``"native"`` for native inputs."""
+        config = self.preprocessing
+        return config.id if config is not None else NATIVE_PREPROCESSING_ID
+
+    def resolve(self, relative: str) -> Path:
+        """A path named in the manifest, which must stay inside the folder (``SubmissionError`` otherwise)."""
+        return resolve_inside(self.path, relative)
+
+    def check_files(self, *, trust_code: bool = False) -> list[Problem]:
+        """Static, kind-specific checks of the folder (files exist, formats parse); runs no model code."""
+        from bench.submissions.kinds import KIND_LOADERS
+
+        return KIND_LOADERS[self.kind].check(self, trust_code=trust_code)
+
+    def predictor(
+        self,
+        *,
+        isolate: bool | None = None,
+        time_limit_s: float | None = None,
+        cache_dir: str | Path | None = None,
+        device: str = "auto",
+        trust_code: bool = False,
+    ) -> "SubmissionPredictor":
+        """An object with ``predict(case) -> np.ndarray[bool]`` on the case's native grid.
+
+        Args:
+            isolate: run the model in a worker subprocess with a per-case time limit (crashes and
+                hangs become :class:`PredictionError` instead of killing the caller). Default: on for
+                every kind that runs code; ``python`` submissions are always isolated.
+            time_limit_s: seconds per case; default the manifest's ``time_limit_s``.
+            cache_dir: preprocessing cache (see :func:`bench.preprocess.preprocess`).
+            device: ``auto``, ``cpu`` or ``cuda``.
+            trust_code: allow code evaluation for manifests with ``allow_code: true``.
+
+        Use it as a context manager (or call ``close()``) so the worker process ends.
+        """
+        from bench.submissions.predictors import make_predictor
+
+        if self.kind == "trainable":
+            raise SubmissionError(
+                self.path,
+                [Problem("error", "kind", "a trainable submission has no predictor before training",
+                         "call submission.trainable(...).fit(train_cases, val_cases, run_dir) to get one")],
+            )
+        options = PredictorOptions(
+            time_limit_s=time_limit_s,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            device=device,
+            trust_code=trust_code,
+        )
+        return make_predictor(self, options, isolate=isolate)
+
+    def trainable(
+        self,
+        *,
+        schedule: str = "auto",
+        preprocessing: "PreprocessingConfig | None" = None,
+        **build_options: Any,
+    ) -> "Trainable":
+        """The :class:`~bench.predictor.Trainable` of a ``trainable`` submission.
+
+        Calls ``bench.models.build_trainable(recipe, submission_dir=..., preprocessing=..., schedule=...)``
+        with the manifest's recipe unchanged and the submission's effective preprocessing (or
+        ``preprocessing`` when given); ``build_options`` (e.g. ``cache_dir``, ``device``) are passed on.
+        """
+        if self.kind != "trainable":
+            raise SubmissionError(
+                self.path,
+                [Problem("error", "kind", f"kind '{self.kind}' is not trainable", "use submission.predictor(...)")],
+            )
+        from bench.models import build_trainable
+
+        return build_trainable(
+            dict(self.manifest.recipe),
+            submission_dir=self.path,
+            preprocessing=preprocessing or self.preprocessing,
+            schedule=schedule,
+            **build_options,
+        )
+
+
+def load_submission(path: str | Path) -> Submission:
+    """Read and validate ``<path>/submission.yaml``.
+
+    Raises:
+        SubmissionError: the folder or manifest is missing or invalid; ``problems`` lists every issue
+            with a fix, as ``bench submission verify`` prints them.
+    """
+    path = Path(path).resolve()
+    manifest, problems = _load_manifest(path)
+    if manifest is None:
+        raise SubmissionError(path, problems)
+    return Submission(path=path, manifest=manifest)
+
+
+def _load_manifest(path: Path) -> tuple[Any, list[Problem]]:
+    import yaml
+    from pydantic import ValidationError
+
+    if not path.is_dir():
+        return None, [Problem("error", str(path), "is not a folder", "pass the folder that holds submission.yaml")]
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None, [
+            Problem("error", MANIFEST_NAME, "missing", f"create {MANIFEST_NAME} (bench submission new NAME --kind K writes one)")
+        ]
+    try:
+        data = read_manifest_data(manifest_path)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        return None, [Problem("error", MANIFEST_NAME, f"not valid YAML: {_one_line(exc)}", "fix the YAML syntax at the position shown")]
+    if not isinstance(data, dict):
+        return None, [Problem("error", MANIFEST_NAME, f"must be a mapping of fields, got {type(data).__name__}", "write 'name: ...', 'kind: ...' etc. at the top level")]
+    try:
+        return parse_manifest(data), []
+    except ValidationError as exc:
+        return None, validation_problems(exc, data)
+
+
+def validation_problems(error: "ValidationError", data: dict[str, Any]) -> list[Problem]:
+    """Turn pydantic's errors into :class:`Problem` rows naming the field and how to fix it."""
+    kind = data.get("kind")
+    problems = []
+    for item in error.errors(include_url=False):
+        loc = [str(part) for part in item["loc"]]
+        if loc and loc[0] == kind:  # the discriminated union puts the tag first
+            loc = loc[1:]
+        field_name = ".".join(loc) or "(top level)"
+        where = f"{MANIFEST_NAME}: {field_name}"
+        kind_of_error = item["type"]
+        message = item["msg"]
+        if kind_of_error == "missing":
+            fix = f"add '{field_name}' (see docs/submissions.md)"
+        elif kind_of_error == "extra_forbidden":
+            fix = f"remove '{field_name}' or correct its spelling; it is not a field of kind '{kind}'"
+        elif kind_of_error in ("union_tag_invalid", "union_tag_not_found"):
+            where = f"{MANIFEST_NAME}: kind"
+            message = f"unknown or missing kind {kind!r}"
+            fix = f"set 'kind' to one of: {', '.join(KINDS)}"
+        elif kind_of_error == "string_pattern_mismatch" and field_name == "name":
+            fix = "use 1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
+        else:
+            fix = f"correct '{field_name}' (see docs/submissions.md for allowed values)"
+        problems.append(Problem("error", where, message, fix))
+    return problems
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing absolute paths and paths that leave ``root`` (after symlinks)."""
+    if not relative or Path(relative).is_absolute() or relative.startswith(("/", "\\")):
+        raise SubmissionError(root, [Problem("error", relative or "(empty path)", "must be a relative path inside the submission folder", "use a path relative to the folder")])
+    candidate = (root / relative).resolve()
+    if candidate != root.resolve() and root.resolve() not in candidate.parents:
+        raise SubmissionError(root, [Problem("error", relative, "points outside the submission folder", "keep every file inside the folder")])
+    return candidate
+
+
+def iter_content_files(root: Path) -> list[Path]:
+    """Files that make up a submission (sorted, relative), skipping caches in :data:`IGNORED_NAMES`."""
+    found = []
+    for directory, folders, files in os.walk(root, followlinks=False):
+        folders[:] = sorted(f for f in folders if f not in IGNORED_NAMES)
+        base = Path(directory)
+        for name in files:
+            if name in IGNORED_NAMES or name.endswith(IGNORED_SUFFIXES):
+                continue
+            found.append((base / name).relative_to(root))
+        # Symlinked folders are not descended into but still count (by their target, below).
+        found.extend((base / f).relative_to(root) for f in folders if (base / f).is_symlink())
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def content_hash(root: str | Path) -> str:
+    """SHA-256 hex digest of a folder: for each file in sorted relative-path order, its path and bytes.
+
+    Python byte-code caches are ignored (running a submission must not change its hash); a symbolic link
+    contributes its target text, never the bytes it points to.
+    """
+    root = Path(root)
+    digest = hashlib.sha256()
+    for relative in iter_content_files(root):
+        full = root / relative
+        name = relative.as_posix().encode()
+        digest.update(len(name).to_bytes(8, "little") + name)
+        if full.is_symlink():
+            target = os.readlink(full).encode()
+            digest.update(b"L" + len(target).to_bytes(8, "little") + target)
+            continue
+        digest.update(b"F" + full.stat().st_size.to_bytes(8, "little"))
+        with open(full, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def validate_mask(array: Any, expected_shape: tuple[int, ...], case_id: str, *, source: str = "the model") -> np.ndarray:
+    """Check that ``array`` is a binary mask of ``expected_shape`` and return it as ``bool``.
+
+    Accepts bool, integer or float arrays whose values are only 0 and 1. Raises
+    :class:`InvalidPrediction` with a fix otherwise.
+    """
+    if not isinstance(array, np.ndarray):
+        raise InvalidPrediction(case_id, f"{source} returned {type(array).__name__}, expected a numpy array",
+                                "return a numpy array (e.g. mask.astype(bool)), not a list or tensor")
+    expected = tuple(int(s) for s in expected_shape)
+    if tuple(array.shape) != expected:
+        fix = "return one value per voxel of the case's grid, array order (z, y, x)"
+        if tuple(array.shape) == expected[::-1]:
+            fix = "the axes look reversed (x, y, z): use SimpleITK's array order (z, y, x), e.g. array.transpose(2, 1, 0)"
+        elif array.ndim == len(expected) + 1 and tuple(array.shape[1:]) == expected:
+            fix = "drop the leading channel/batch axis (return mask[0] or the lesion channel only)"
+        raise InvalidPrediction(case_id, f"{source} returned shape {tuple(array.shape)}, expected {expected}", fix)
+    if array.dtype == bool:
+        return array
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InvalidPrediction(case_id, f"{source} returned dtype {array.dtype}, expected bool or 0/1 numbers", "return mask.astype(bool)")
+    values = np.unique(array)
+    bad = [v for v in values.tolist() if v not in (0, 1)]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise InvalidPrediction(case_id, f"{source} returned values other than 0 and 1: {shown}",
+                                "threshold probabilities (e.g. prob > 0.5) and map every lesion label to 1")
+    return array.astype(bool)

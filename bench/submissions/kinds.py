@@ -1,0 +1,415 @@
+"""One loader per submission kind, in one registry: :data:`KIND_LOADERS`.
+
+A loader knows one model format and nothing else. It has two class methods:
+
+- ``check(submission, trust_code=False) -> list[Problem]``: static checks of the folder (files exist,
+  formats parse, manifest and files agree). Never runs code from the submission.
+- ``build(submission, options) -> object with predict(case)``: loads the model, in the current
+  process. :class:`~bench.submissions.predictors.SubmissionPredictor` calls it inside a worker
+  subprocess when the predictor is isolated, and validates every returned mask.
+
+Adding a kind means one manifest class in :mod:`bench.submissions.manifest` and one loader registered
+here; nothing scans packages or evaluates names from files.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import importlib.util
+import sys
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
+
+from bench.imageio import IMAGE_SUFFIXES, ImageError, read_geometry, read_image, strip_image_suffix
+from bench.submissions.core import (
+    MissingPrediction,
+    InvalidPrediction,
+    Problem,
+    SubmissionError,
+    validate_mask,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bench.data.dataset import Case
+    from bench.submissions.core import PredictorOptions, Submission
+
+
+class KindLoader:
+    """Base class of the loaders; see the module docstring."""
+
+    kind: ClassVar[str]
+    #: Whether running the kind executes model code (then predictors are isolated by default).
+    runs_code: ClassVar[bool] = True
+
+    @classmethod
+    def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
+        return []
+
+    @classmethod
+    def build(cls, submission: "Submission", options: "PredictorOptions") -> Any:
+        raise NotImplementedError
+
+
+def _file_problem(submission: "Submission", field: str, relative: str, what: str) -> list[Problem]:
+    """A problem if the manifest's ``field`` does not name an existing file inside the folder."""
+    try:
+        path = submission.resolve(relative)
+    except SubmissionError as exc:
+        return [Problem("error", f"submission.yaml: {field}", exc.problems[0].message, "name a file inside the submission folder")]
+    if not path.is_file():
+        return [Problem("error", f"submission.yaml: {field}", f"{what} {relative!r} not found in {submission.path.name}/",
+                        f"add the file or correct '{field}'")]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------
+# python
+# --------------------------------------------------------------------------------------------------
+
+
+class PythonLoader(KindLoader):
+    """``predict(case, **options)`` from a file (``predict.py:predict``) or module in the folder."""
+
+    kind = "python"
+
+    @classmethod
+    def entry_file(cls, submission: "Submission") -> tuple[str, str, str]:
+        """``(target, function, relative source file)`` of the manifest's entry."""
+        target, function = submission.manifest.entry.rsplit(":", 1)
+        if target.endswith(".py") or "/" in target:
+            return target, function, target
+        module_path = target.replace(".", "/")
+        for candidate in (f"{module_path}.py", f"{module_path}/__init__.py"):
+            if (submission.path / candidate).is_file():
+                return target, function, candidate
+        return target, function, f"{module_path}.py"
+
+    @classmethod
+    def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
+        _, function, source = cls.entry_file(submission)
+        problems = _file_problem(submission, "entry", source, "entry file")
+        if problems:
+            return problems
+        path = submission.resolve(source)
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        except (SyntaxError, UnicodeDecodeError) as exc:
+            return [Problem("error", source, f"cannot be parsed: {exc}", "fix the Python syntax")]
+        if function not in _top_level_names(tree):
+            return [Problem("error", f"submission.yaml: entry", f"{source} defines no top-level '{function}'",
+                            f"define 'def {function}(case, **options)' in {source} or correct 'entry'")]
+        return []
+
+    @classmethod
+    def build(cls, submission: "Submission", options: "PredictorOptions") -> "PythonFunctionPredictor":
+        return PythonFunctionPredictor(submission, options, load_entry_function(submission))
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def load_entry_function(submission: "Submission") -> Callable[..., Any]:
+    """Import the entry's module (by file path, or by name with the folder on ``sys.path``).
+
+    This executes the submission's code: call it only in the worker process.
+    """
+    target, function, source = PythonLoader.entry_file(submission)
+    folder = str(submission.path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # so the entry module can import its sibling files
+    if target.endswith(".py") or "/" in target:
+        path = submission.resolve(source)
+        module_name = "hiebench_submission_" + hashlib.sha256(str(path).encode()).hexdigest()[:10]
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise TypeError(f"{source}: '{function}' is not a function")
+    return fn
+
+
+class PythonFunctionPredictor:
+    """Calls the entry function with a native :class:`Case` or a :class:`PreprocessedCase`."""
+
+    def __init__(self, submission: "Submission", options: "PredictorOptions", function: Callable[..., Any]):
+        self.function = function
+        self.kwargs = dict(submission.manifest.options)
+        self.preprocessing = submission.preprocessing
+        self.cache_dir = options.cache_dir
+
+    def predict(self, case: "Case") -> np.ndarray:
+        if self.preprocessing is None:
+            return self.function(case, **self.kwargs)
+        from bench.preprocess import preprocess
+
+        prepared = preprocess(case, self.preprocessing, self.cache_dir, with_label=False)
+        mask = validate_mask(self.function(prepared, **self.kwargs), prepared.shape, case.case_id,
+                             source="the model (on the preprocessed grid)")
+        return prepared.to_native(mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# predictions
+# --------------------------------------------------------------------------------------------------
+
+
+class PredictionsLoader(KindLoader):
+    """Precomputed masks ``<folder>/<case_id>.nii.gz`` (any suffix of :data:`bench.imageio.IMAGE_SUFFIXES`)."""
+
+    kind = "predictions"
+    runs_code = False
+
+    @classmethod
+    def folder(cls, submission: "Submission") -> Path:
+        return submission.resolve(submission.manifest.folder)
+
+    @classmethod
+    def files(cls, submission: "Submission") -> dict[str, Path]:
+        """Mask file per case id."""
+        folder = cls.folder(submission)
+        found: dict[str, Path] = {}
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            case_id = strip_image_suffix(path)
+            if case_id is not None and path.is_file():
+                found[case_id] = path
+        return found
+
+    @classmethod
+    def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
+        relative = submission.manifest.folder
+        try:
+            folder = cls.folder(submission)
+        except SubmissionError as exc:
+            return [Problem("error", "submission.yaml: folder", exc.problems[0].message, "name a folder inside the submission")]
+        if not folder.is_dir():
+            return [Problem("error", "submission.yaml: folder", f"prediction folder {relative!r} not found",
+                            f"create {relative}/ with one mask per case named <case_id>.nii.gz")]
+        problems: list[Problem] = []
+        files = cls.files(submission)
+        for path in sorted(folder.iterdir()):
+            if strip_image_suffix(path) is None and not path.name.startswith("."):
+                problems.append(Problem("warning", f"{relative}/{path.name}", "not an image file; ignored",
+                                        f"use one of {', '.join(IMAGE_SUFFIXES)} or move it out of {relative}/"))
+        if not files:
+            problems.append(Problem("error", f"{relative}/", "contains no prediction masks",
+                                    "add one mask per case named <case_id>.nii.gz (see docs/submissions.md)"))
+        for case_id, path in files.items():
+            where = f"{relative}/{path.name}"
+            try:
+                array, _ = read_image(path)
+            except ImageError as exc:
+                problems.append(Problem("error", where, str(exc).split(": ", 1)[-1], "write a 3-D NIfTI/MHA mask"))
+                continue
+            values = np.unique(array)
+            bad = [v for v in values.tolist() if v not in (0, 1)]
+            if bad:
+                problems.append(Problem("error", where, f"label values other than 0 and 1: {bad[:5]}",
+                                        "write a binary mask: 1 for lesion, 0 elsewhere"))
+        return problems
+
+    @classmethod
+    def build(cls, submission: "Submission", options: "PredictorOptions") -> "PredictionsPredictor":
+        return PredictionsPredictor(submission)
+
+
+class PredictionsPredictor:
+    """Reads the shipped mask of a case and checks it lies on the case's grid."""
+
+    def __init__(self, submission: "Submission"):
+        self.submission = submission
+        self.relative = submission.manifest.folder
+        self.files = PredictionsLoader.files(submission)
+
+    def predict(self, case: "Case") -> np.ndarray:
+        path = self.files.get(case.case_id)
+        if path is None:
+            raise MissingPrediction(case.case_id, f"no mask {self.relative}/{case.case_id}.nii.gz in {self.submission.name}",
+                                    f"add {self.relative}/{case.case_id}.nii.gz (one mask per case of the dataset)")
+        try:
+            array, geometry = read_image(path)
+        except ImageError as exc:
+            raise InvalidPrediction(case.case_id, str(exc), "write a 3-D NIfTI/MHA mask") from exc
+        differences = geometry.differences(read_geometry(case.image_paths[0]))
+        if differences:
+            raise InvalidPrediction(case.case_id, f"{self.relative}/{path.name} is not on the case's grid: {'; '.join(differences)}",
+                                    "write the mask with the header (shape, spacing, origin, direction) of the case's image")
+        return validate_mask(array, geometry.shape, case.case_id, source=f"{self.relative}/{path.name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# torchscript, onnx, monai-bundle
+# --------------------------------------------------------------------------------------------------
+
+
+class TorchScriptLoader(KindLoader):
+    kind = "torchscript"
+
+    @classmethod
+    def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
+        problems = _file_problem(submission, "model", submission.manifest.model, "TorchScript model")
+        if not problems and not zipfile.is_zipfile(submission.resolve(submission.manifest.model)):
+            problems.append(Problem("error", "submission.yaml: model", f"{submission.manifest.model} is not a TorchScript archive",
+                                    "save the model with torch.jit.save(torch.jit.script(model), 'model.pt')"))
+        return problems
+
+    @classmethod
+    def build(cls, submission: "Submission", options: "PredictorOptions") -> Any:
+        from bench.submissions.networks import SlidingWindowPredictor, load_torchscript, resolve_device
+
+        forward = load_torchscript(submission.resolve(submission.manifest.model), resolve_device(options.device))
+        return SlidingWindowPredictor(forward, submission, options)
+
+
+class OnnxLoader(KindLoader):
+    kind = "onnx"
+
+    @classmethod
+    def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
+        return _file_problem(submission, "model", submission.manifest.model, "ONNX model")
+
+    @classmethod
+    def build(cls, submission: "Submission", options: "PredictorOptions") -> Any:
+        from bench.submissions.networks import SlidingWindowPredictor, load_onnx, resolve_device
+
+        forward = load_onnx(submission.resolve(submission.manifest.model), resolve_device(options.device))
+        return SlidingWindowPredictor(forward, submission, options)
+
+
+class MonaiBundleLoader(KindLoader):
+    kind = "monai-bundle"
+
+    @classmethod
+    def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
+        from bench.submissions.networks import code_in_section, network_section, read_bundle_config
+
+        m = submission.manifest
+        config_rel, weights_rel = str(Path(m.bundle) / m.config), str(Path(m.bundle) / m.weights)
+        problems = _file_problem(submission, "config", config_rel, "bundle configuration") + _file_problem(
+            submission, "weights", weights_rel, "bundle weights"
+        )
+        if problems:
+            return problems
+        try:
+            config = read_bundle_config(submission.resolve(config_rel))
+            section = network_section(config, m.network_key)
+        except KeyError as exc:
+            return [Problem("error", config_rel, f"has no entry {exc.args[0]!r} (needed by '{m.network_key}')",
+                            "set network_key to the network definition's key, and define every @reference")]
+        except ValueError as exc:
+            return [Problem("error", config_rel, f"cannot be parsed: {exc}", "write valid JSON or YAML")]
+        code = code_in_section(section)
+        if code and not (m.allow_code and trust_code):
+            fix = ("review the bundle, then run with --trust-code" if m.allow_code else
+                   "write the network definition with plain values and a monai.networks.nets class, or set "
+                   "allow_code: true and run with --trust-code after reviewing the bundle")
+            return [Problem("error", config_rel, f"the network definition needs code evaluation: {'; '.join(code)}", fix)]
+        return []
+
+    @classmethod
+    def build(cls, submission: "Submission", options: "PredictorOptions") -> Any:
+        from bench.submissions.networks import SlidingWindowPredictor, load_monai_bundle, resolve_device
+
+        device = resolve_device(options.device)
+        return SlidingWindowPredictor(load_monai_bundle(submission, options, device), submission, options)
+
+
+# --------------------------------------------------------------------------------------------------
+# nnunet
+# --------------------------------------------------------------------------------------------------
+
+
+class NnunetLoader(KindLoader):
+    kind = "nnunet"
+
+    @classmethod
+    def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
+        from bench.submissions.nnunet import checkpoint_paths, dataset_channel_names, unsafe_checkpoint_reason
+
+        m = submission.manifest
+        problems: list[Problem] = []
+        for name in ("dataset.json", "plans.json"):
+            problems += _file_problem(submission, "model_folder", f"{m.model_folder}/{name}", "nnU-Net file")
+        for path in checkpoint_paths(submission):
+            relative = path.relative_to(submission.path).as_posix()
+            if not path.is_file():
+                problems.append(Problem("error", "submission.yaml: folds", f"checkpoint {relative} not found",
+                                        "list only folds that were trained in 'folds', or correct 'checkpoint'"))
+            elif not (m.allow_code and trust_code):
+                reason = unsafe_checkpoint_reason(path)
+                if reason is not None:
+                    problems.append(Problem("error", relative, f"holds Python objects beyond tensors and plain data ({reason})",
+                                            "re-save it with plain data only, or set allow_code: true and run with "
+                                            "--trust-code after reviewing where it comes from"))
+        names = dataset_channel_names(submission)
+        if names is not None and len(names) != len(m.inputs.channels):
+            problems.append(Problem("error", "submission.yaml: inputs.channels",
+                                    f"the model expects {len(names)} channels {names}, inputs.channels lists {list(m.inputs.channels)}",
+                                    "list the benchmark channels in the order of the model's dataset.json channel_names"))
+        elif names is not None and [n.lower() for n in names] != [n.lower() for n in m.inputs.channels]:
+            problems.append(Problem("warning", "submission.yaml: inputs.channels",
+                                    f"model channel names {names} differ from inputs.channels {list(m.inputs.channels)}",
+                                    "check that the channel order matches the one the model was trained with"))
+        return problems
+
+    @classmethod
+    def build(cls, submission: "Submission", options: "PredictorOptions") -> Any:
+        from bench.submissions.networks import resolve_device
+        from bench.submissions.nnunet import NnunetPredictor
+
+        return NnunetPredictor(submission, options, resolve_device(options.device))
+
+
+# --------------------------------------------------------------------------------------------------
+# trainable
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainableLoader(KindLoader):
+    """The harness trains it per fold: ``bench.models.build_trainable`` (imported when needed)."""
+
+    kind = "trainable"
+
+    @classmethod
+    def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
+        try:
+            submission.trainable()
+        except ImportError as exc:
+            return [Problem("warning", "recipe", f"bench.models.build_trainable is not available ({exc})",
+                            "install HIE-Bench with its models package to check the recipe")]
+        except Exception as exc:  # the recipe was rejected: say why
+            return [Problem("error", "submission.yaml: recipe", f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+                            "correct the recipe (see docs/models.md)")]
+        return []
+
+    @classmethod
+    def build(cls, submission: "Submission", options: "PredictorOptions") -> Any:
+        raise SubmissionError(submission.path, [Problem("error", "kind", "trainable submissions are trained by the harness",
+                                                        "use submission.trainable(...)")])
+
+
+#: The registry: kind -> loader. Manifest classes and this mapping are the only places kinds are named.
+KIND_LOADERS: dict[str, type[KindLoader]] = {
+    loader.kind: loader
+    for loader in (NnunetLoader, MonaiBundleLoader, TorchScriptLoader, OnnxLoader, PythonLoader, PredictionsLoader, TrainableLoader)
+}
