@@ -1,0 +1,148 @@
+"""The harness end to end: runs, resume after ``kill -9``, failing models, run identity, the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.data.synth import generate_synthetic_dataset
+from bench.harness import RunSpec, run_benchmark, run_id, split_validation
+from bench.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+ZADC = REPO / "submissions" / "zadc-threshold"
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("harness") / "hie-tiny"
+    generate_synthetic_dataset(root, cases=8, sites=4, seed=3, size="tiny", workers=1)
+    return root
+
+
+def _case_rows(db_url: str) -> list[tuple[str, str, str]]:
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT run_id, case_id, status FROM case_results ORDER BY run_id, case_id")).all()
+    engine.dispose()
+    return [tuple(r) for r in rows]
+
+
+def _python_submission(folder: Path, body: str, name: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "predict.py").write_text(textwrap.dedent(body))
+    (folder / "submission.yaml").write_text(textwrap.dedent(f"""\
+        name: {name}
+        version: "0.1.0"
+        authors: [tests]
+        description: a test submission
+        licence: Apache-2.0
+        kind: python
+        entry: predict.py:predict
+        inputs: {{channels: [ADC, Z-ADC], space: native}}
+        time_limit_s: 60
+        """))
+    return folder
+
+
+def test_run_scores_every_held_out_case_once_and_a_rerun_is_a_no_op(dataset_dir: Path, tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'bench.db'}"
+    specs = [RunSpec(submission=ZADC, dataset=dataset_dir, protocol=p, folds=2, results_dir=tmp_path, db_url=db_url) for p in ("kfold", "loso")]
+    first = run_benchmark(specs)
+    assert len(first) == 2
+    rows = _case_rows(db_url)
+    assert len(rows) == 16 and {status for *_, status in rows} == {"ok"}
+    assert len(set(rows)) == 16
+    loso = next(results for results in first.values() if results[0].fold.startswith("loso"))
+    assert sorted(r.fold for r in loso) == ["loso-SiteA", "loso-SiteB", "loso-SiteC", "loso-SiteD"]
+    second = run_benchmark(specs)
+    assert all(r.scored == 0 and r.skipped > 0 for results in second.values() for r in results)
+    assert _case_rows(db_url) == rows
+    # The prediction files are on disk, in the native grid of their case.
+    frame = Store.from_url(db_url).case_results_frame()
+    assert all(Path(p).is_file() for p in frame["prediction_path"])
+
+
+def test_resume_after_kill_9_completes_without_duplicates_or_losses(dataset_dir: Path, tmp_path: Path) -> None:
+    slow = _python_submission(tmp_path / "slow", """\
+        import time
+        def predict(case):
+            time.sleep(0.4)
+            zadc, _ = case.load_channel("Z-ADC")
+            return zadc < -2
+        """, "slow-threshold")
+    db_url = f"sqlite:///{tmp_path / 'bench.db'}"
+    command = [sys.executable, "-m", "bench.cli", "run", str(slow), "--dataset", str(dataset_dir), "--protocol", "loso", "--results", str(tmp_path), "--db", db_url]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            if 2 <= len(_case_rows(db_url)) < 8:
+                break
+        except sa.exc.OperationalError:  # tables not created yet
+            continue
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = _case_rows(db_url)
+    assert 2 <= len(partial) < 8, "the run should have been killed mid-way"
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = _case_rows(db_url)
+    assert len(rows) == 8 and len({case for _, case, _ in rows}) == 8
+    assert set(partial) <= set(rows)
+    assert {status for *_, status in rows} == {"ok"}
+
+
+def test_a_crashing_model_fails_its_cases_and_the_benchmark_goes_on(dataset_dir: Path, tmp_path: Path) -> None:
+    broken = _python_submission(tmp_path / "broken", """\
+        def predict(case):
+            if case.case_id.startswith("SiteA"):
+                raise RuntimeError("this model cannot handle SiteA")
+            zadc, _ = case.load_channel("Z-ADC")
+            return zadc < -2
+        """, "broken")
+    db_url = f"sqlite:///{tmp_path / 'bench.db'}"
+    run_benchmark([RunSpec(submission=broken, dataset=dataset_dir, protocol="loso", results_dir=tmp_path, db_url=db_url)])
+    frame = Store.from_url(db_url).case_results_frame()
+    failed = frame[frame["status"] == "failed"]
+    assert set(failed["site"]) == {"SiteA"} and len(failed) == 2
+    assert failed["error"].str.contains("cannot handle SiteA").all()
+    assert (frame[frame["status"] == "ok"]["site"] != "SiteA").all()
+
+
+def test_run_identity_changes_with_whatever_changes_the_numbers() -> None:
+    base = dict(submission_hash="s", dataset_version="d", preprocessing_id="p", protocol="kfold", folds=5, seed=0, convention="bench")
+    assert run_id(**base) == run_id(**base)
+    for field, value in [("submission_hash", "s2"), ("dataset_version", "d2"), ("convention", "medpy"), ("folds", 3), ("protocol", "loso")]:
+        assert run_id(**(base | {field: value})) != run_id(**base)
+    # Leave-one-site-out does not depend on the k-fold parameters.
+    loso = base | {"protocol": "loso"}
+    assert run_id(**loso) == run_id(**(loso | {"folds": 3, "seed": 7}))
+
+
+def test_validation_split_is_site_stratified_and_deterministic(dataset_dir: Path) -> None:
+    from bench.data.dataset import Dataset
+
+    dataset = Dataset.load(dataset_dir)
+    ids = [c.case_id for c in dataset.cases]
+    train, val = split_validation(dataset, ids, 0.5, seed=0)
+    assert sorted(train + val) == sorted(ids) and not set(train) & set(val)
+    assert len({dataset.case(i).site for i in val}) == 4
+    assert split_validation(dataset, ids, 0.5, seed=0) == (train, val)
+
+
+def test_cli_run_reports_a_missing_dataset(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", str(ZADC), "--dataset", "nope", "--data-root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no dataset at" in result.output and "bench data synth" in result.output
