@@ -110,12 +110,15 @@ class FoldUnit:
                 store.record_case_result(self._failed_row(dataset.case(case_id), f"model could not be loaded or trained: {message}"))
             return UnitResult(self.run_id, self.fold.name, failed=len(todo), error=traceback.format_exc(limit=5))
         scored = failed = 0
-        for case_id in todo:
-            row, lesions = score_case(predictor, dataset.case(case_id), self._prediction_path(case_id), self.spec.convention)
-            row |= {"run_id": self.run_id, "fold": self.fold.name}
-            store.record_case_result(row, lesions)
-            scored += row["status"] == "ok"
-            failed += row["status"] != "ok"
+        try:
+            for case_id in todo:
+                row, lesions = score_case(predictor, dataset.case(case_id), self._prediction_path(case_id), self.spec.convention)
+                row |= {"run_id": self.run_id, "fold": self.fold.name}
+                store.record_case_result(row, lesions)
+                scored += row["status"] == "ok"
+                failed += row["status"] != "ok"
+        finally:  # stops a submission's worker process, if its kind runs one
+            getattr(predictor, "close", lambda: None)()
         return UnitResult(self.run_id, self.fold.name, scored=scored, failed=failed, skipped=len(self.fold.test) - len(todo), train_s=train_s)
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -189,6 +192,10 @@ def score_case(predictor, case: Case, prediction_path: Path, convention: str) ->
                 raise ValueError(f"prediction has values {values[:8].tolist()}, expected 0/1")
             mask = mask.astype(bool)
     except Exception as exc:
+        from bench.submissions import PredictionError
+
+        if isinstance(exc, PredictionError):  # the submission layer already says what happened and how to fix it
+            return row | {"status": "failed", "error": f"{exc.message} (fix: {exc.fix})" if exc.fix else exc.message}, []
         return row | {"status": "failed", "error": f"prediction failed: {type(exc).__name__}: {exc}"}, []
     write_image(mask.astype(np.uint8), geometry, prediction_path)
     start = time.perf_counter()

@@ -147,6 +147,13 @@ def to_sitk(array: np.ndarray, geometry: Geometry):
     return image
 
 
+def _umask_mode() -> int:
+    """File mode a plain ``open()`` would give (mkstemp makes files 0600, too strict for shared results)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, *, compress: bool = True) -> Path:
     """Write ``array`` with ``geometry`` to ``path`` atomically (temp file in the same folder, then rename)."""
     import SimpleITK as sitk
@@ -160,6 +167,7 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, *, comp
     os.close(fd)
     try:
         sitk.WriteImage(to_sitk(array, geometry), tmp_name, compress)
+        os.chmod(tmp_name, _umask_mode())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -175,6 +183,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp_name, _umask_mode())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

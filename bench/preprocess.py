@@ -21,7 +21,7 @@ The steps, in order (each one a small function below, applied with SimpleITK in 
 7. **crop** to the bounding box of the brain mask plus a margin;
 8. **normalize** intensities per channel: z-score inside the brain mask, percentile clipping, or
    nothing (the default for Z-ADC, whose units, standard deviations from a normative atlas, carry
-   meaning that the classical ``Z-ADC < -2`` rule relies on).
+   meaning that the classical ``Z-ADC < -2`` rule relies on); then set voxels outside the brain to 0.
 
 :func:`preprocess` returns a :class:`PreprocessedCase`. Its :meth:`~PreprocessedCase.to_native` maps any
 prediction made on the preprocessed grid back onto the case's native voxel grid (inverse crop and
@@ -237,6 +237,9 @@ class PreprocessingConfig(_Frozen):
     def id(self) -> str:
         """Preprocessing id: first 12 hex digits of SHA-256 of :meth:`canonical_json`."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+    def __hash__(self) -> int:  # the per-channel dict is unhashable; the canonical JSON says it all
+        return hash(self.canonical_json())
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 import bench.preprocess as preprocess_module
 from bench.data.dataset import Case
-from bench.imageio import Geometry, write_image
+from bench.imageio import write_image
 from bench.preprocess import (
     DenoiseConfig,
     NormalizationConfig,
@@ -26,7 +26,7 @@ from bench.preprocess import (
     RegistrationConfig,
     preprocess,
 )
-from bench.submissions.probe import probe_arrays, probe_geometry, write_probe_case
+from bench.submissions.probe import probe_geometry, write_probe_case
 
 RAS_FLIP = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -81,6 +81,7 @@ def test_id_is_short_stable_and_ignores_dict_order() -> None:
     explicit = PreprocessingConfig(normalization={"Z-ADC": {"method": "none"}, "ADC": {"method": "zscore"}})
     assert explicit.id == config.id, "the standard per-channel defaults are filled in before hashing"
     assert config.normalization["Z-ADC"].method == "none" and config.normalization["ADC"].method == "zscore"
+    assert hash(explicit) == hash(config) and {config: 1}[explicit] == 1, "configs can be dict keys"
 
 
 @pytest.mark.parametrize(

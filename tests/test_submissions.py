@@ -28,9 +28,7 @@ from bench.submissions import (
     PROBE_CASE_ID,
     ArchiveError,
     ArchiveLimits,
-    InvalidPrediction,
     MissingPrediction,
-    PredictionCrash,
     PredictionTimeout,
     SubmissionError,
     add_submission_archive,
@@ -170,13 +168,38 @@ def test_preprocessed_inputs_get_the_standard_or_declared_preprocessing(tmp_path
         load_submission(python_submission(tmp_path / "c", inputs={"space": "preprocessed"}, preprocessing={"channels": ["Z-ADC"]}))
 
 
-def test_trainable_manifest_validation(tmp_path: Path) -> None:
-    recipe = {"model": "unet", "schedules": {"cpu": {"epochs": 1}}}
-    submission = load_submission(write_submission(tmp_path / "t", {**BASE, "kind": "trainable", "recipe": recipe}))
+def test_trainable_manifest_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.models
+
+    recipe = {"trainer": "monai", "schedules": {"cpu": {"epochs": 1}}}
+    folder = write_submission(tmp_path / "t", {**BASE, "kind": "trainable", "recipe": recipe})
+    submission = load_submission(folder)
     assert submission.manifest.recipe == recipe
     assert submission.preprocessing_id == PreprocessingConfig().id
     with pytest.raises(SubmissionError, match="no predictor before training"):
         submission.predictor()
+
+    calls: list[dict] = []
+
+    def fake_build_trainable(recipe, *, submission_dir, preprocessing, schedule="auto", **options):
+        calls.append({"recipe": recipe, "dir": submission_dir, "preprocessing": preprocessing, "schedule": schedule, **options})
+        if schedule == "gpu":
+            raise ValueError("the recipe has no 'gpu' schedule")
+        return object()
+
+    monkeypatch.setattr(bench.models, "build_trainable", fake_build_trainable)
+    submission.trainable(schedule="cpu", cache_dir=tmp_path / "cache")
+    assert calls[-1] == {"recipe": recipe, "dir": submission.path, "preprocessing": PreprocessingConfig(),
+                         "schedule": "cpu", "cache_dir": tmp_path / "cache"}
+    problems = verify_submission(folder)
+    assert not errors(problems) and "cannot be trained with schedule 'gpu'" in problem_text(problems)
+    assert len(calls) == 3, "verify builds each schedule's trainable and trains nothing"
+
+
+def test_trainable_recipes_rejected_by_the_models_package(tmp_path: Path) -> None:
+    folder = write_submission(tmp_path / "t", {**BASE, "kind": "trainable", "recipe": {"trainer": "bogus"}})
+    problems = verify_submission(folder)
+    assert errors(problems) and problems[0].where == "submission.yaml: recipe"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +250,20 @@ def test_example_predictions_pass_verify() -> None:
     assert verify_submission(REPO / "submissions" / "example-predictions") == []
 
 
+def test_example_predictions_helper_fills_a_dataset(tmp_path: Path) -> None:
+    import runpy
+    import shutil
+
+    dataset = write_dataset(tmp_path / "data")
+    example = tmp_path / "example-predictions"
+    shutil.copytree(REPO / "submissions" / "example-predictions", example)
+    helper = runpy.run_path(str(example / "make_predictions.py"))
+    helper["main"](str(dataset), str(REPO / "submissions" / "zadc-threshold"))
+    assert sorted(p.name for p in (example / "predictions").iterdir()) == [
+        "case-a.nii.gz", "case-b.nii.gz", f"{PROBE_CASE_ID}.nii.gz"]
+    assert verify_submission(example, dataset=dataset) == []
+
+
 def test_verify_cli_fails_with_the_fix(tmp_path: Path) -> None:
     folder = write_submission(tmp_path / "bad", {**BASE, "kind": "python", "entry": "predict.py:predict", "colour": "red"})
     result = CliRunner().invoke(app, ["verify", str(folder)])
@@ -249,12 +286,12 @@ def test_verify_cli_fails_with_the_fix(tmp_path: Path) -> None:
         ("import numpy as np\ndef predict(case):\n    return np.full((8, 32, 32), 0.7)\n", "values other than 0 and 1"),
         ("def predict(case):\n    return [[0]]\n", "returned list"),
         ("import numpy as np\ndef predict(case):\n    return np.random.default_rng().random((8, 32, 32)) > 0.5\n", "non-deterministic"),
-        ("import time\ndef predict(case):\n    time.sleep(60)\n", "time limit of 1.5 s"),
+        ("import time\ndef predict(case):\n    time.sleep(60)\n", "time limit of 2 s"),
     ],
     ids=["raises", "dies", "import-fails", "transposed", "probabilities", "list", "random", "hangs"],
 )
 def test_verify_rejects_broken_python_models(tmp_path: Path, code: str, expected: str) -> None:
-    folder = python_submission(tmp_path / "m", code, time_limit_s=1.5)
+    folder = python_submission(tmp_path / "m", code, time_limit_s=2)
     problems = verify_submission(folder)
     assert errors(problems) and expected in problem_text(problems), problem_text(problems)
 
@@ -269,7 +306,7 @@ def test_worker_recovers_after_a_timeout(tmp_path: Path, probe: Case) -> None:
             return np.zeros(case.geometry.shape, bool)
     """
     slow = write_probe_case(tmp_path / "slow", case_id="slow")
-    with load_submission(python_submission(tmp_path / "m", code, time_limit_s=1.0)).predictor() as predictor:
+    with load_submission(python_submission(tmp_path / "m", code, time_limit_s=2.0)).predictor() as predictor:
         with pytest.raises(PredictionTimeout) as caught:
             predictor.predict(slow)
         assert caught.value.case_id == "slow"
@@ -635,3 +672,43 @@ def test_nnunet_checkpoints_with_code_need_opt_in_and_trust(tmp_path: Path) -> N
     write_submission(folder, {**manifest, "allow_code": True})
     assert verify_submission(folder, run_model=False, trust_code=True) == []
     assert errors(verify_submission(folder, run_model=False))
+
+
+def test_a_hung_worker_dies_with_its_parent(tmp_path: Path) -> None:
+    """kill -9 of the process running a predictor must not leave the model's worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = python_submission(tmp_path / "m", "import time\ndef predict(case):\n    time.sleep(600)\n", time_limit_s=300)
+    script = f"""
+import threading, time
+from bench.submissions import load_submission, write_probe_case
+case = write_probe_case({str(tmp_path / 'probe')!r})
+predictor = load_submission({str(folder)!r}).predictor()
+threading.Thread(target=predictor.predict, args=(case,), daemon=True).start()
+while predictor._worker is None or predictor._worker.process is None:
+    time.sleep(0.05)
+print(predictor._worker.process.pid, flush=True)
+time.sleep(600)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    worker_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+        return "State:\tZ" not in status  # a zombie has exited already
+
+    deadline = time.monotonic() + 10
+    while alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive(worker_pid):  # clean up before failing
+        os.kill(worker_pid, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent")

@@ -101,7 +101,7 @@ class PythonLoader(KindLoader):
         except (SyntaxError, UnicodeDecodeError) as exc:
             return [Problem("error", source, f"cannot be parsed: {exc}", "fix the Python syntax")]
         if function not in _top_level_names(tree):
-            return [Problem("error", f"submission.yaml: entry", f"{source} defines no top-level '{function}'",
+            return [Problem("error", "submission.yaml: entry", f"{source} defines no top-level '{function}'",
                             f"define 'def {function}(case, **options)' in {source} or correct 'entry'")]
         return []
 
@@ -390,17 +390,29 @@ class TrainableLoader(KindLoader):
 
     kind = "trainable"
 
+    #: Schedules a recipe may provide; it must build for at least one of them.
+    schedules: ClassVar[tuple[str, ...]] = ("cpu", "gpu")
+
     @classmethod
     def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
-        try:
-            submission.trainable()
-        except ImportError as exc:
-            return [Problem("warning", "recipe", f"bench.models.build_trainable is not available ({exc})",
-                            "install HIE-Bench with its models package to check the recipe")]
-        except Exception as exc:  # the recipe was rejected: say why
-            return [Problem("error", "submission.yaml: recipe", f"{type(exc).__name__}: {' '.join(str(exc).split())}",
-                            "correct the recipe (see docs/models.md)")]
-        return []
+        """Build the trainable for each schedule (nothing is trained): the recipe must be accepted."""
+        failures: dict[str, str] = {}
+        for schedule in cls.schedules:
+            try:
+                submission.trainable(schedule=schedule)
+            except ImportError as exc:
+                return [Problem("warning", "submission.yaml: recipe", f"bench.models.build_trainable is not available ({exc})",
+                                "install HIE-Bench with its models package to check the recipe")]
+            except Exception as exc:  # the recipe was rejected: say why
+                failures[schedule] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        if len(failures) == len(cls.schedules):
+            messages = list(dict.fromkeys(failures.values()))
+            return [Problem("error", "submission.yaml: recipe", "; ".join(messages), "correct the recipe (see docs/models.md)")]
+        return [
+            Problem("warning", "submission.yaml: recipe", f"cannot be trained with schedule '{schedule}': {message}",
+                    f"add a '{schedule}' schedule to run it on {'a CPU-only machine' if schedule == 'cpu' else 'a GPU'}")
+            for schedule, message in failures.items()
+        ]
 
     @classmethod
     def build(cls, submission: "Submission", options: "PredictorOptions") -> Any:

@@ -52,6 +52,8 @@ ERROR_CLASSES: dict[str, type[PredictionError]] = {
     cls.__name__: cls for cls in (PredictionTimeout, PredictionCrash, InvalidPrediction, MissingPrediction)
 }
 _STDERR_TAIL_LINES = 15
+#: Seconds a worker may take to start (interpreter and HIE-Bench imports, before any model code runs).
+WORKER_STARTUP_TIMEOUT_S = 180.0
 
 
 def blind_case(case: "Case") -> "Case":
@@ -189,6 +191,11 @@ class _Worker:
                 start_new_session=True,  # its own process group, so a timeout kills its children too
             )
         self._buffer = b""
+        ready = self._read_line(time.monotonic() + WORKER_STARTUP_TIMEOUT_S)
+        if not ready:
+            if ready is None:
+                self.kill()
+            self._raise_crash(case_id, f"the worker process did not start within {WORKER_STARTUP_TIMEOUT_S:g} s")
         try:
             self._exchange(
                 {"submission": str(self.submission.path), "options": self.options.to_json()},
@@ -254,12 +261,13 @@ class _Worker:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line
 
-    def _raise_crash(self, case_id: str) -> None:
+    def _raise_crash(self, case_id: str, what: str | None = None) -> None:
         code = self.process.wait(timeout=10) if self.process is not None else None
         self.process = None
-        how = f"exit code {code}" if code is None or code >= 0 else f"signal {signal.Signals(-code).name}"
-        raise PredictionCrash(case_id, f"the model's process died ({how})\n{self.stderr_tail()}",
-                              "run the model on this case locally and fix the error shown")
+        if what is None:
+            how = f"exit code {code}" if code is None or code >= 0 else f"signal {signal.Signals(-code).name}"
+            what = f"the model's process died ({how})"
+        raise PredictionCrash(case_id, f"{what}\n{self.stderr_tail()}", "run the model on this case locally and fix the error shown")
 
     def stderr_tail(self) -> str:
         try:

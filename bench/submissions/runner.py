@@ -1,7 +1,8 @@
 """Worker process that hosts one submission's model: ``python -m bench.submissions.runner``.
 
 Started by :class:`bench.submissions.predictors.SubmissionPredictor`; not meant to be run by hand.
-Protocol: JSON lines. The first request ``{"submission": folder, "options": {...}}`` loads the model;
+Protocol: JSON lines. Once its own imports are done the worker says ``{"ok": true, "ready": true}``
+(so the benchmark's start-up never counts against a model's time limit). The first request ``{"submission": folder, "options": {...}}`` loads the model;
 each further request ``{"case": {...}, "output": path.npy}`` predicts one case and saves the array to
 ``output``. Every request gets one reply line ``{"ok": true}`` or
 ``{"ok": false, "error": class name, "message": ..., "fix": ...}``.
@@ -32,6 +33,7 @@ def serve(requests: TextIO, replies: TextIO) -> None:
     from bench.submissions.kinds import KIND_LOADERS
     from bench.submissions.predictors import case_from_json, describe_exception
 
+    _reply(replies, ok=True, ready=True)  # start-up done: the model's time limit starts with the next request
     model = None
     for line in requests:
         request = json.loads(line)
@@ -65,7 +67,28 @@ def serve(requests: TextIO, replies: TextIO) -> None:
                 raise
 
 
+def _exit_when_orphaned(interval_s: float = 1.0) -> None:
+    """End this worker if its parent dies (e.g. ``kill -9``) so a hung model cannot outlive the run.
+
+    The worker runs in its own session (so a timeout can kill its whole process group), which also means
+    signals sent to the parent's group do not reach it; polling the parent id catches the re-parenting.
+    """
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def main() -> None:
+    _exit_when_orphaned()
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
