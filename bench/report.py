@@ -122,12 +122,24 @@ def leaderboard_table(
     return pd.concat(tables, ignore_index=True)
 
 
-def _fmt(value: float) -> str:
-    """Three significant decimals for ratios, fewer for large numbers; a dash for NaN."""
+def _fmt(value: float, decimals: int | None = None) -> str:
+    """A number with ``decimals`` (default: 3 below 10, 1 below 100, else 0); a dash for NaN."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
+    if decimals is None:
+        magnitude = abs(value)
+        decimals = 0 if magnitude >= 100 else 1 if magnitude >= 10 else 3
+    return f"{value:.{decimals}f}"
+
+
+def _decimals(metric: str, value: float) -> int:
+    """Decimals for a metric's cell: 3 for ratios in [0, 1], else by the magnitude of its mean."""
+    from bench.metrics import METRICS
+
+    if tuple(METRICS[metric].range) == (0.0, 1.0) or not math.isfinite(value):
+        return 3
     magnitude = abs(value)
-    return f"{value:.0f}" if magnitude >= 100 else f"{value:.1f}" if magnitude >= 10 else f"{value:.3f}"
+    return 0 if magnitude >= 100 else 1 if magnitude >= 10 else 2
 
 
 def metric_header(metric: str) -> str:
@@ -140,10 +152,13 @@ def metric_header(metric: str) -> str:
     return f"{metric}{unit}{arrow}"
 
 
-def _cell(row: Any, metric: str) -> str:
-    text = f"{_fmt(row[metric])} [{_fmt(row[f'{metric}_lo'])}, {_fmt(row[f'{metric}_hi'])}]"
-    capped = int(row[f"{metric}_capped"])
-    return f"{text} ∞×{capped}" if capped else text
+def _cell(row: Any, metric: str, separator: str = " ") -> str:
+    """``mean [lo, hi]`` with the same decimals throughout, plus the count of capped infinities."""
+    decimals = _decimals(metric, row[metric])
+    parts = [_fmt(row[metric], decimals), f"[{_fmt(row[f'{metric}_lo'], decimals)}, {_fmt(row[f'{metric}_hi'], decimals)}]"]
+    if capped := int(row[f"{metric}_capped"]):
+        parts.append(f"∞×{capped}")
+    return separator.join(parts)
 
 
 def _caption(metrics: Sequence[str], confidence: float) -> str:
@@ -165,6 +180,7 @@ def _caption(metrics: Sequence[str], confidence: float) -> str:
 def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: Console | None = None, confidence: float = 0.95) -> None:
     """Print a leaderboard DataFrame (from :func:`leaderboard_table`) as one rich table per group."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -173,25 +189,26 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
         dataset, version, protocol, convention = key
         site = group["site"].iloc[0]
         rich_table = Table(
-            title=f"HIE-Bench leaderboard · {dataset} ({version}) · protocol {protocol} · site {site} · convention {convention}",
-            caption=_caption(metrics, confidence),
+            title=escape(f"HIE-Bench leaderboard · {dataset} ({version}) · protocol {protocol} · site {site} · convention {convention}"),
+            caption=escape(_caption(metrics, confidence)),
             caption_justify="left",
         )
-        rich_table.add_column("Rank", justify="right")
-        rich_table.add_column("Submission", style="bold")
-        rich_table.add_column("n", justify="right")
-        rich_table.add_column("failed", justify="right")
+        rich_table.add_column("Rank", justify="right", min_width=4)
+        rich_table.add_column("Submission", style="bold", min_width=10)
+        rich_table.add_column("n", justify="right", min_width=3)
+        rich_table.add_column("failed", justify="right", min_width=6)
         for metric in metrics:
-            rich_table.add_column(metric_header(metric), justify="right")
-        rich_table.add_column("stability", justify="right")
-        rich_table.add_column("mean rank", justify="right")
+            rich_table.add_column(escape(metric_header(metric)), justify="right", min_width=8)
+        rich_table.add_column("stability", justify="right", min_width=5)
+        rich_table.add_column("mean rank", justify="right", min_width=5)
         for _, row in group.iterrows():
             rich_table.add_row(
                 "–" if math.isnan(row["rank"]) else str(int(row["rank"])),
-                str(row["submission"]),
+                escape(str(row["submission"])),
                 str(int(row["n_cases"])),
                 str(int(row["n_failed"])),
-                *(_cell(row, metric) for metric in metrics),
+                # The CI goes under the mean: narrow columns fit more metrics in a terminal.
+                *(escape(_cell(row, metric, separator="\n")) for metric in metrics),
                 "–" if math.isnan(row["rank_stability"]) else f"{row['rank_stability']:.0%}",
                 _fmt(row["mean_rank"]),
             )
@@ -271,8 +288,9 @@ def time_leaderboard(
     Fills a fresh SQLite file in a temporary folder (or ``db_url``, which must be empty) with
     ``n_submissions`` runs of ``n_rows / n_submissions`` cases each (:func:`fill_synthetic_results`),
     then times a leaderboard the way a page view computes it, best of ``repeats``. Returns ``rows``,
-    ``fill_s``, ``query_s`` (reading the rows), ``stats_s`` (bootstrap CIs and ranks) and ``total_s``
-    (:func:`leaderboard_table`, both together).
+    ``fill_s``, ``query_s`` (reading the rows), ``stats_s`` (bootstrap CIs and ranks), ``total_s``
+    (:func:`leaderboard_table`, both together; wall clock) and ``total_cpu_s`` (its CPU time, which
+    other processes on a busy machine inflate less).
     """
     from bench import stats
     from bench.store import Store
@@ -282,7 +300,7 @@ def time_leaderboard(
         started = time.perf_counter()
         fill_synthetic_results(store, n_submissions=n_submissions, n_cases=max(1, n_rows // n_submissions), n_sites=n_sites, seed=seed, dataset="timing")
         fill_s = time.perf_counter() - started
-        timings: dict[str, list[float]] = {"query_s": [], "stats_s": [], "total_s": []}
+        timings: dict[str, list[float]] = {"query_s": [], "stats_s": [], "total_s": [], "total_cpu_s": []}
         for _ in range(repeats):
             started = time.perf_counter()
             frame = store.case_results_frame(protocol="loso", metrics=list(metrics), details=False)
@@ -290,9 +308,10 @@ def time_leaderboard(
             started = time.perf_counter()
             stats.leaderboard(frame, list(metrics), n_boot=n_boot, seed=seed)
             timings["stats_s"].append(time.perf_counter() - started)
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             leaderboard_table(store, metrics=metrics, protocol="loso", n_boot=n_boot, seed=seed)
             timings["total_s"].append(time.perf_counter() - started)
+            timings["total_cpu_s"].append(time.process_time() - started_cpu)
         store.dispose()
     return {"rows": float(len(frame)), "fill_s": fill_s, **{key: min(values) for key, values in timings.items()}}
 
@@ -400,7 +419,7 @@ def write_report(
     figures: list[str] = []
 
     def figure(fig: go.Figure) -> str:
-        fig.update_layout(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50))
+        fig.update_layout(margin=dict(l=60, r=20, t=50, b=50))
         figures.append(fig.to_html(full_html=False, include_plotlyjs=not figures, config={"displaylogo": False}))
         return figures[-1]
 
@@ -535,7 +554,7 @@ def export_results(
     else:
         frame = store.table_frame(table)
     for column in frame.columns:
-        if frame[column].map(lambda v: isinstance(v, (dict, list))).any():
+        if frame[column].dtype == object and frame[column].map(lambda v: isinstance(v, (dict, list))).any():
             frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=out.suffix, dir=out.parent)

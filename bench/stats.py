@@ -183,34 +183,40 @@ class _Layout:
         return cls(case_codes, np.asarray(cases, dtype=object), sub_codes, np.asarray(submissions, dtype=object), sites.astype(str), ok)
 
 
-def score_matrix(frame: pd.DataFrame, metric: str, *, _layout: _Layout | None = None) -> ScoreMatrix:
+def score_matrix(frame: pd.DataFrame, metric: str) -> ScoreMatrix:
     """Turn per-case rows into a :class:`ScoreMatrix` of ``metric`` (see the module docstring for the rules)."""
-    info = _info(metric)
-    if metric not in frame:
-        raise KeyError(f"the results table has no column {metric!r}")
-    layout = _layout or _Layout.of(frame)
-    case_codes, sub_codes, ok = layout.case_codes, layout.sub_codes, layout.ok
-    n_cases, n_subs = layout.cases.size, layout.submissions.size
-    raw = frame[metric].to_numpy(dtype=float, na_value=np.nan)
-    is_inf = np.isinf(raw) & ok
-    cap = info.inf_cap
-    scored = np.where(is_inf & (cap is not None), np.sign(raw) * (cap if cap is not None else 0.0), raw)
-    scored = np.where(ok, scored, worst_value(metric))
-
-    values = np.full((n_cases, n_subs), worst_value(metric))
-    missing = np.ones((n_cases, n_subs), bool)
-    failed = np.zeros((n_cases, n_subs), bool)
-    capped = np.zeros((n_cases, n_subs), bool)
-    values[case_codes, sub_codes] = scored
-    missing[case_codes, sub_codes] = False
-    failed[case_codes, sub_codes] = ~ok
-    capped[case_codes, sub_codes] = is_inf & (cap is not None)
-    return ScoreMatrix(metric, layout.cases, layout.sites, layout.submissions, values, failed, missing, capped)
+    return _score_matrix(frame, metric, _Layout.of(frame))
 
 
 def _score_matrices(frame: pd.DataFrame, metrics: Sequence[str]) -> list[ScoreMatrix]:
+    """Score matrices of several metrics, sharing one layout (one factorization of the table)."""
     layout = _Layout.of(frame)
-    return [score_matrix(frame, metric, _layout=layout) for metric in metrics]
+    return [_score_matrix(frame, metric, layout) for metric in metrics]
+
+
+def _score_matrix(frame: pd.DataFrame, metric: str, layout: _Layout) -> ScoreMatrix:
+    cap = _info(metric).inf_cap
+    if metric not in frame:
+        raise KeyError(f"the results table has no column {metric!r}")
+    raw = frame[metric].to_numpy(dtype=float, na_value=np.nan)
+    capped_rows = np.isinf(raw) & layout.ok & (cap is not None)
+    scored = raw.copy()
+    if cap is not None:
+        scored[capped_rows] = np.copysign(cap, raw[capped_rows])
+    worst = worst_value(metric)
+    scored[~layout.ok] = worst
+
+    shape = (layout.cases.size, layout.submissions.size)
+    cells = (layout.case_codes, layout.sub_codes)
+    values = np.full(shape, worst)  # cells without a row are missing cases: the worst value
+    missing = np.ones(shape, bool)
+    failed = np.zeros(shape, bool)
+    capped = np.zeros(shape, bool)
+    values[cells] = scored
+    missing[cells] = False
+    failed[cells] = ~layout.ok
+    capped[cells] = capped_rows
+    return ScoreMatrix(metric, layout.cases, layout.sites, layout.submissions, values, failed, missing, capped)
 
 
 # -- bootstrap -------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ import math
 import numbers
 import os
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -100,7 +100,7 @@ LOG_TAIL_CHARS = 20_000
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER keys only
 _TIME = sa.DateTime(timezone=True)
-_KEY = sa.String(64)
+_KEY = sa.String(128)  # SHA-256 hex digests are 64 characters; leave room
 _NAME = sa.String(256)
 
 metadata = sa.MetaData()
@@ -545,8 +545,6 @@ class Store:
         Takes the filters of :meth:`case_results_frame` except ``site`` and ``metrics``
         (``latest_only`` defaults to ``False`` here: every run is listed).
         """
-        import pandas as pd
-
         filters.setdefault("latest_only", False)
         frame = self._selected_runs(**filters)
         if frame.empty:
