@@ -176,7 +176,7 @@ def score_case(predictor, case: Case, prediction_path: Path, convention: str) ->
     import numpy as np
 
     from bench.imageio import write_image
-    from bench.metrics import compute_metrics, lesion_matches
+    from bench.metrics import compute_metrics_with_lesions
 
     row: dict = {"case_id": case.case_id, "site": case.site, "status": "ok", "error": ""}
     geometry = case.geometry
@@ -200,8 +200,7 @@ def score_case(predictor, case: Case, prediction_path: Path, convention: str) ->
     write_image(mask.astype(np.uint8), geometry, prediction_path)
     start = time.perf_counter()
     reference = case.load_label()
-    metrics = compute_metrics(mask, reference, geometry.spacing, convention=convention)
-    lesions = lesion_matches(mask, reference, geometry.spacing)
+    metrics, lesions = compute_metrics_with_lesions(mask, reference, geometry.spacing, convention=convention)
     row["score_s"] = time.perf_counter() - start
     return row | metrics | {"prediction_path": str(prediction_path)}, lesions
 

@@ -21,9 +21,10 @@ Speed comes from doing every step once and only where the lesions are:
   the image as background);
 * both surfaces are extracted once per call by gathering the neighbours of the
   foreground voxels, so the cost follows the lesion size, not the image size;
-* distances between the two surfaces come from a KD-tree over the surface points
-  (exact Euclidean nearest neighbours in mm, recomputed from integer offsets the
-  way ``scipy.ndimage.distance_transform_edt`` computes them), so no dense distance
+* distances between the two surfaces come from a sorted-key lookup (elements on the
+  other surface) and a KD-tree over the surface points (exact Euclidean nearest
+  neighbours, recomputed from integer offsets the way
+  ``scipy.ndimage.distance_transform_edt`` computes them), so no dense distance
   transform is needed, however far apart the lesions and false positives are;
 * every distance metric is derived from the same pair of directed distance arrays;
   unweighted percentiles use partition-based order statistics (``np.percentile``).
@@ -42,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +69,7 @@ __all__ = [
     "ReferenceLesion",
     "SurfaceDistances",
     "compute_metrics",
+    "compute_metrics_with_lesions",
     "distance_definition",
     "lesion_matches",
     "surface_distances",
@@ -420,21 +423,40 @@ def _surfels(fg: _Foreground, spacing: Spacing) -> tuple[np.ndarray, np.ndarray]
     return points, surfel_area_table(spacing)[code[on_surface]]
 
 
-def _nearest_distances(points: np.ndarray, targets: np.ndarray, spacing: Spacing) -> np.ndarray:
-    """Distance in mm from each point to the nearest target point (exact Euclidean).
+def _offset_lengths(offsets: np.ndarray, spacing: Spacing) -> np.ndarray:
+    """Length in mm of integer index offsets, with the arithmetic of
+    ``scipy.ndimage.distance_transform_edt`` (offset * spacing, squared, summed in
+    axis order, square root), so lengths are bit-identical to its distances."""
+    scaled = offsets * np.asarray(spacing, dtype=np.float64)
+    return np.sqrt(scaled[:, 0] * scaled[:, 0] + scaled[:, 1] * scaled[:, 1] + scaled[:, 2] * scaled[:, 2])
 
-    A KD-tree finds the nearest target; the distance is then recomputed from the
-    integer index offset exactly as ``scipy.ndimage.distance_transform_edt`` does
-    (offset * spacing, squared, summed over axes in order, square root), so it is
-    bit-identical to the distance-transform value the reference libraries read.
+
+def _nearest_distances(points: np.ndarray, targets: np.ndarray, spacing: Spacing) -> np.ndarray:
+    """Exact distance in mm from each point to the nearest target (integer index points).
+
+    Elements that lie exactly on the other surface (about half of them for a decent
+    prediction) are found by a sorted-key lookup; a KD-tree over the targets finds
+    the nearest one for the rest. The distance is then computed from the integer
+    offset with :func:`_offset_lengths`, bit-identical to the distance-transform
+    values the reference libraries read. The cost depends on the number of surface
+    elements only, not on the image size or on how far apart the lesions are.
     """
     from scipy.spatial import cKDTree  # ~0.1 s import; keep `bench --help` fast
 
-    scale = np.asarray(spacing, dtype=np.float64)
-    tree = cKDTree(targets * scale, balanced_tree=False, compact_nodes=False)
-    _, nearest = tree.query(points * scale, k=1)
-    offset = (points - targets[nearest]) * scale
-    return np.sqrt(offset[:, 0] * offset[:, 0] + offset[:, 1] * offset[:, 1] + offset[:, 2] * offset[:, 2])
+    extent = np.maximum(points.max(axis=0), targets.max(axis=0)) + 1
+    steps = np.array([extent[1] * extent[2], extent[2], 1], dtype=np.int64)
+    target_keys = np.sort(targets @ steps)
+    point_keys = points @ steps
+    slot = np.minimum(np.searchsorted(target_keys, point_keys), len(target_keys) - 1)
+    off_target = np.flatnonzero(target_keys[slot] != point_keys)
+
+    distances = np.zeros(len(points), dtype=np.float64)
+    if off_target.size:
+        scale = np.asarray(spacing, dtype=np.float64)
+        tree = cKDTree(targets * scale, balanced_tree=False, compact_nodes=False)
+        _, nearest = tree.query(points[off_target] * scale, k=1)
+        distances[off_target] = _offset_lengths(points[off_target] - targets[nearest], spacing)
+    return distances
 
 
 @dataclass(frozen=True)
@@ -561,8 +583,18 @@ def _float32_quantile(values: np.ndarray, q: float) -> float:
 
 
 def _max_of_directed_percentiles_95(d: SurfaceDistances, _tolerance_mm: float) -> float:
-    """MONAI hd95: larger of the two directed 95th percentiles (linear interpolation)."""
+    """MONAI hd95: larger of the two directed 95th percentiles (linear interpolation, float32)."""
     return max(_float32_quantile(d.pred_to_ref, 0.95), _float32_quantile(d.ref_to_pred, 0.95))
+
+
+def _maximum_float32(d: SurfaceDistances, tolerance_mm: float) -> float:
+    """MONAI hd: the largest directed distance, as the float32 MONAI returns."""
+    return float(np.float32(_maximum(d, tolerance_mm)))
+
+
+def _pooled_mean_float32(d: SurfaceDistances, tolerance_mm: float) -> float:
+    """MONAI symmetric ASD: mean over both surfaces pooled, as the float32 MONAI returns."""
+    return float(np.float32(_pooled_mean(d, tolerance_mm)))
 
 
 def _weighted_percentile(distances: np.ndarray, areas: np.ndarray, percent: float) -> float:
@@ -608,18 +640,21 @@ def _surface_dice(d: SurfaceDistances, tolerance_mm: float) -> float:
 
 
 _VOXELS, _SURFELS = "boundary_voxels", "surfels"
-_HD_MAX_VOXELS = _DistanceDefinition(_VOXELS, _maximum)
 _HD_MAX_SURFELS = _DistanceDefinition(_SURFELS, _maximum)
 _HD95_SURFELS = _DistanceDefinition(_SURFELS, _max_of_weighted_percentiles_95)
-_ASSD_POOLED_VOXELS = _DistanceDefinition(_VOXELS, _pooled_mean)
 _MASD_SURFELS = _DistanceDefinition(_SURFELS, _mean_of_weighted_means)
 _NSD_SURFELS = _DistanceDefinition(_SURFELS, _surface_dice)
 
 # Per surface metric: the definition of each convention that has one. A convention
 # missing here falls back to "bench" (which is always present).
 _DISTANCE_DEFINITIONS: Mapping[str, Mapping[Convention, _DistanceDefinition]] = MappingProxyType(
-    {
-        "hd": {"bench": _HD_MAX_SURFELS, "medpy": _HD_MAX_VOXELS, "monai": _HD_MAX_VOXELS, "deepmind": _HD_MAX_SURFELS},
+    {key: MappingProxyType(by_convention) for key, by_convention in {
+        "hd": {
+            "bench": _HD_MAX_SURFELS,
+            "medpy": _DistanceDefinition(_VOXELS, _maximum),
+            "monai": _DistanceDefinition(_VOXELS, _maximum_float32),
+            "deepmind": _HD_MAX_SURFELS,
+        },
         "hd95": {
             "bench": _HD95_SURFELS,
             "medpy": _DistanceDefinition(_VOXELS, _pooled_percentile_95),
@@ -628,12 +663,12 @@ _DISTANCE_DEFINITIONS: Mapping[str, Mapping[Convention, _DistanceDefinition]] = 
         },
         "assd": {
             "bench": _DistanceDefinition(_SURFELS, _pooled_weighted_mean),
-            "medpy": _ASSD_POOLED_VOXELS,
-            "monai": _ASSD_POOLED_VOXELS,
+            "medpy": _DistanceDefinition(_VOXELS, _pooled_mean),
+            "monai": _DistanceDefinition(_VOXELS, _pooled_mean_float32),
         },
         "masd": {"bench": _MASD_SURFELS, "deepmind": _MASD_SURFELS},
         "nsd": {"bench": _NSD_SURFELS, "deepmind": _NSD_SURFELS},
-    }
+    }.items()}
 )
 
 
@@ -786,6 +821,14 @@ class _MaskPair:
     def voxel_ml(self) -> float:
         return math.prod(self.spacing) / 1000.0
 
+    @functools.cached_property
+    def ref_lesions(self) -> _Components:
+        return _Components.of(self.ref_fg)
+
+    @functools.cached_property
+    def pred_components(self) -> _Components:
+        return _Components.of(self.pred_fg)
+
     @property
     def empty(self) -> EmptyState:
         if self.pred_fg.count == 0:
@@ -841,10 +884,10 @@ class _Components:
 
 
 def _lesion_counts(pair: _MaskPair) -> dict[str, float | int]:
-    ref_lesions, pred_components = _Components.of(pair.ref_fg), _Components.of(pair.pred_fg)
-    tp = int(np.count_nonzero(ref_lesions.touched(pair.ref_in_pred)))
-    fp = pred_components.count - int(np.count_nonzero(pred_components.touched(pair.pred_in_ref)))
-    fn = ref_lesions.count - tp
+    tp = int(np.count_nonzero(pair.ref_lesions.touched(pair.ref_in_pred)))
+    components = pair.pred_components
+    fp = components.count - int(np.count_nonzero(components.touched(pair.pred_in_ref)))
+    fn = pair.ref_lesions.count - tp
     return {"lesion_tp": tp, "lesion_fp": fp, "lesion_fn": fn, "lesion_f1": _lesion_f1(tp, fp, fn)}
 
 
@@ -935,26 +978,28 @@ def lesion_matches(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) 
         >>> [(r.lesion_id, r.detected) for r in m.reference], [c.false_positive for c in m.predicted]
         ([(1, True), (2, False)], [True, False])
     """
-    pair = _MaskPair.of(pred, ref, spacing)
+    return _lesion_table(_MaskPair.of(pred, ref, spacing))
+
+
+def _lesion_table(pair: _MaskPair) -> LesionMatches:
     return LesionMatches(
         reference=tuple(
             ReferenceLesion(lesion_id=label, voxels=n, volume_ml=n * pair.voxel_ml, centroid=c, detected=hit)
-            for label, n, c, hit in _component_rows(pair.ref_fg, pair.ref_in_pred)
+            for label, n, c, hit in _component_rows(pair.ref_fg, pair.ref_lesions, pair.ref_in_pred)
         ),
         predicted=tuple(
             PredictedComponent(
                 component_id=label, voxels=n, volume_ml=n * pair.voxel_ml, centroid=c, false_positive=not hit
             )
-            for label, n, c, hit in _component_rows(pair.pred_fg, pair.pred_in_ref)
+            for label, n, c, hit in _component_rows(pair.pred_fg, pair.pred_components, pair.pred_in_ref)
         ),
     )
 
 
 def _component_rows(
-    fg: _Foreground, in_other: np.ndarray
+    fg: _Foreground, components: _Components, in_other: np.ndarray
 ) -> list[tuple[int, int, tuple[float, float, float], bool]]:
     """``(label, voxels, centroid, overlaps the other mask)`` per component."""
-    components = _Components.of(fg)
     if components.count == 0:
         return []
     bins = components.count + 1
@@ -1007,13 +1052,33 @@ def compute_metrics(
         ValueError: For invalid masks or spacing (see :func:`validate_masks`), an
             unknown convention or a negative tolerance.
     """
-    chosen = _check_convention(convention)
-    tolerance = _check_tolerance(nsd_tolerance_mm)
+    chosen, tolerance = _check_convention(convention), _check_tolerance(nsd_tolerance_mm)
+    return _metrics(_MaskPair.of(pred, ref, spacing), chosen, tolerance)
+
+
+def compute_metrics_with_lesions(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    convention: Convention = DEFAULT_CONVENTION,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+) -> tuple[dict[str, MetricValue], LesionMatches]:
+    """:func:`compute_metrics` and :func:`lesion_matches` in one pass.
+
+    The masks are validated, cropped and labelled once instead of twice; this is
+    what the harness needs per case. Arguments and errors as :func:`compute_metrics`.
+    """
+    chosen, tolerance = _check_convention(convention), _check_tolerance(nsd_tolerance_mm)
     pair = _MaskPair.of(pred, ref, spacing)
+    return _metrics(pair, chosen, tolerance), _lesion_table(pair)
+
+
+def _metrics(pair: _MaskPair, convention: Convention, tolerance_mm: float) -> dict[str, MetricValue]:
     values: dict[str, MetricValue] = {**pair.overlap_metrics(), **_lesion_counts(pair)}
     empty = pair.empty
     if empty == "none":
-        values.update(_surface_metrics(pair, chosen, tolerance))
+        values.update(_surface_metrics(pair, convention, tolerance_mm))
     else:
         values.update(EMPTY_TABLE[empty])
     values["empty"] = empty
