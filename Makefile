@@ -33,7 +33,7 @@ demo: $(STAMP)  ## Synthetic multi-site dataset, benchmark of the shipped submis
 	$(BIN)/bench demo --data $(DEMO_DATA) --results $(DEMO_RESULTS)
 
 test: $(STAMP) system-deps  ## The whole test suite (what CI runs).
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: $(STAMP)  ## Tests not marked slow.
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -14,9 +14,11 @@ from bench.data.cli import app as data_app
 from bench.demo import demo_command
 from bench.evaluate import evaluate_command
 from bench.harness import run_command
+from bench.models.perf import models_command
 from bench.perf import app as perf_app
 from bench.report import export_command, leaderboard_command, report_command
 from bench.submission_cli import app as submission_app
+from bench.worker import worker_command
 
 app = typer.Typer(
     name="bench",
@@ -26,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(data_app, name="data", help="Create, import and inspect datasets.")
+perf_app.command("models")(models_command)
 app.add_typer(perf_app, name="perf", help="Speed benchmarks against the reference libraries.")
 app.add_typer(submission_app, name="submission", help="Verify, scaffold and add model submissions.")
 app.command("evaluate")(evaluate_command)
@@ -34,6 +37,7 @@ app.command("leaderboard")(leaderboard_command)
 app.command("report")(report_command)
 app.command("export")(export_command)
 app.command("demo")(demo_command)
+app.command("worker")(worker_command)
 
 
 def _version(value: bool) -> None:

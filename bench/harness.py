@@ -140,7 +140,7 @@ class FoldUnit:
         if submission.kind != "trainable":
             return submission.predictor(cache_dir=self.spec.results_dir / "cache"), 0.0
         train_ids, val_ids = split_validation(dataset, self.fold.train, self.spec.val_fraction, self.spec.seed)
-        trainable = submission.trainable(schedule=self.spec.schedule)
+        trainable = submission.trainable(schedule=self.spec.schedule, cache_dir=self.spec.results_dir / "cache")
         start = time.perf_counter()
         predictor = trainable.fit([dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids], self.run_dir / "models" / self.fold.name)
         return predictor, time.perf_counter() - start
@@ -285,19 +285,29 @@ def plan_run(spec: RunSpec) -> PlannedRun:
 
 
 def describe_environment() -> dict:
-    """Device, GPU name and library versions, recorded with each run."""
+    """Device, GPU name and library versions, recorded with each run.
+
+    Reads package metadata and ``nvidia-smi`` instead of importing torch, which costs seconds and is not
+    needed to plan a run (the trainables import it themselves when they train).
+    """
     import platform
+    import shutil
+    import subprocess
+    from importlib import metadata
 
-    info = {"host": platform.node(), "python": platform.python_version(), "cpus": os.cpu_count(), "device": "cpu", "gpu": None}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["device"] = "cuda"
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:  # torch is optional for scoring-only runs
-        pass
+    info: dict = {"host": platform.node(), "python": platform.python_version(), "cpus": os.cpu_count(), "device": "cpu", "gpu": None}
+    for package in ("torch", "monai", "nnunetv2"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    if shutil.which("nvidia-smi"):
+        try:
+            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.split("\n")
+        except (OSError, subprocess.SubprocessError):
+            names = []
+        if names and names[0].strip():
+            info |= {"device": "cuda", "gpu": names[0].strip()}
     return info
 
 

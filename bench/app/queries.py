@@ -56,19 +56,15 @@ class SubmissionCard:
 
 
 def data_version(store: Store) -> str:
-    """A short fingerprint of the results: changes whenever a run starts, finishes or stores a case.
+    """A short fingerprint of the results: changes whenever a run starts or finishes or a case is stored.
 
-    Cached queries are keyed by it, so new results appear on the next page view without a restart.
-    It reads only the small per-run summary (one grouped count), never the per-case rows.
+    Cached queries are keyed by it, so new results appear on the next page view without a restart. It
+    is :meth:`bench.store.Store.results_fingerprint` (counts and latest times, no per-case rows read),
+    or :data:`EMPTY_VERSION` when the database has no results tables.
     """
     if not store.has_results():
         return EMPTY_VERSION
-    runs = store.runs_frame()
-    digest = hashlib.sha256()
-    for row in runs[["run_id", "run_status", "n_cases", "n_ok", "started_at", "finished_at"]].itertuples(index=False):
-        digest.update(repr(tuple(row)).encode())
-    digest.update(repr(len(store.datasets_frame())).encode())
-    return digest.hexdigest()[:16]
+    return hashlib.sha256(repr(store.results_fingerprint()).encode()).hexdigest()[:16]
 
 
 def scopes(store: Store) -> pd.DataFrame:
@@ -82,11 +78,11 @@ def scopes(store: Store) -> pd.DataFrame:
     columns = ["dataset", "dataset_version", "protocol", "convention", "n_submissions", "n_runs", "n_cases", "last_run"]
     if not store.has_results():
         return pd.DataFrame(columns=columns)
-    runs = store.runs_frame()
-    runs = runs[runs["n_cases"] > 0]
-    if runs.empty:
+    run_table = store.runs_frame()
+    run_table = run_table[run_table["n_cases"] > 0]
+    if run_table.empty:
         return pd.DataFrame(columns=columns)
-    grouped = runs.groupby(["dataset", "dataset_version", "protocol", "convention"], sort=False, observed=True).agg(
+    grouped = run_table.groupby(["dataset", "dataset_version", "protocol", "convention"], sort=False, observed=True).agg(
         n_submissions=("submission_hash", "nunique"), n_runs=("run_id", "nunique"), n_cases=("n_cases", "sum"), last_run=("started_at", "max")
     )
     return grouped.reset_index().sort_values(["last_run", "dataset", "protocol"], ascending=[False, True, True], ignore_index=True)[columns]
@@ -183,7 +179,7 @@ def best_runs(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 def submissions_of(frame: pd.DataFrame) -> pd.DataFrame:
     """The submissions of a case frame: ``submission`` label, ``submission_hash``, ``run_id`` (sorted by label)."""
     columns = ["submission", "submission_name", "submission_version", "submission_hash", "run_id", "protocol"]
-    return frame[columns].astype(str).drop_duplicates().sort_values(["submission", "protocol"], ignore_index=True)
+    return frame.drop_duplicates("run_id")[columns].astype(str).sort_values(["submission", "protocol"], ignore_index=True)
 
 
 # -- leaderboard ------------------------------------------------------------------------------------------------
@@ -442,18 +438,29 @@ def submission_card(store: Store, content_hash: str) -> SubmissionCard | None:
 
 
 def _plain_labels(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame with plain-string ``submission``, ``case_id`` and ``site`` (the store may return categoricals)."""
-    columns = {name: frame[name].astype(str) for name in ("submission", "case_id", "site") if name in frame and frame[name].dtype != object}
+    """The frame with string (not categorical) ``submission``, ``case_id`` and ``site``: the store
+    returns run labels as categoricals, whose unused categories would otherwise reach the statistics."""
+    import pandas as pd
+
+    columns = {name: frame[name].astype(str) for name in ("submission", "case_id", "site") if name in frame and isinstance(frame[name].dtype, pd.CategoricalDtype)}
     return frame.assign(**columns) if columns else frame
 
 
+def _decimals(value: float) -> int:
+    magnitude = abs(value)
+    return 0 if magnitude >= 100 else 1 if magnitude >= 10 else 3
+
+
 def format_interval(mean: float, low: float, high: float) -> str:
-    """``0.712 [0.65, 0.77]`` with precision that suits the magnitude; ``–`` for a missing value."""
+    """``0.712 [0.650, 0.770]``, every number with the precision that suits the mean; ``–`` if missing."""
+    if mean is None or not math.isfinite(mean):
+        return "–"
+    return f"{mean:.{_decimals(mean)}f} {format_ci(low, high, reference=mean)}"
 
-    def fmt(value: float) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        magnitude = abs(value)
-        return f"{value:.0f}" if magnitude >= 100 else f"{value:.1f}" if magnitude >= 10 else f"{value:.3f}"
 
-    return f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
+def format_ci(low: float, high: float, *, reference: float | None = None) -> str:
+    """``[0.650, 0.770]`` (precision from ``reference``, else from the bounds); ``–`` when undefined."""
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return "–"
+    digits = _decimals(reference if reference is not None and math.isfinite(reference) else max(abs(low), abs(high)))
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"

@@ -22,9 +22,10 @@ benchmarks three submissions with :func:`bench.harness.run_benchmark` under both
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,28 @@ def build_sample_results(root: str | Path, *, cases: int = 8, sites: int = 2, fo
     ]
     by_run = run_benchmark(specs)
     return SampleResults(root, dataset_dir, submissions, results_dir, db_url, tuple(by_run))
+
+
+def sample_results(root: str | Path) -> SampleResults:
+    """:func:`build_sample_results` once per folder: later calls (other test modules, other processes)
+    read the description it leaves in ``root/sample.json``."""
+    root = Path(root).resolve()
+    marker = root / "sample.json"
+    if marker.is_file():
+        stored = json.loads(marker.read_text(encoding="utf-8"))
+        return SampleResults(
+            root=Path(stored["root"]),
+            dataset=Path(stored["dataset"]),
+            submissions={name: Path(path) for name, path in stored["submissions"].items()},
+            results_dir=Path(stored["results_dir"]),
+            db_url=stored["db_url"],
+            run_ids=tuple(stored["run_ids"]),
+        )
+    sample = build_sample_results(root)
+    from bench.imageio import write_text_atomic
+
+    write_text_atomic(marker, json.dumps(asdict(sample), default=str, indent=2))
+    return sample
 
 
 def _baseline(submissions_dir: Path) -> Path:

@@ -33,8 +33,6 @@ _DB_KEY = "_hie_bench_db"
 VERSION_TTL_S = 3
 #: Bootstrap resamples of the confidence intervals shown (as ``bench leaderboard``).
 N_BOOT = 1000
-#: The leaderboard's default metrics, after the ranking one.
-DEFAULT_EXTRA_METRICS: tuple[str, ...] = ("hd95", "nsd", "lesion_f1")
 #: Plotly colours of the submissions (Okabe-Ito, then Plotly's defaults).
 PALETTE: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 
@@ -142,8 +140,9 @@ def get_store(url: str) -> Store:
     return Store(url)
 
 
-@st.cache_data(ttl=VERSION_TTL_S, show_spinner=False)
+@st.cache_data(ttl=VERSION_TTL_S, max_entries=16, show_spinner=False)
 def data_version(url: str) -> str:
+    """The results' fingerprint, re-read at most every few seconds (the key of every other cache)."""
     return queries.data_version(get_store(url))
 
 
@@ -152,9 +151,13 @@ def scopes(url: str, version: str) -> pd.DataFrame:
     return queries.scopes(get_store(url))
 
 
-@st.cache_data(max_entries=24, show_spinner="Reading results…")
+@st.cache_resource(max_entries=12, show_spinner="Reading results…")
 def case_frame(url: str, version: str, scope: tuple[str, str | None, str], metrics: tuple[str, ...], run_choice: str) -> pd.DataFrame:
-    """Per-case rows of ``scope`` = (dataset version, protocol or ``None`` for both, convention)."""
+    """Per-case rows of ``scope`` = (dataset version, protocol or ``None`` for both, convention).
+
+    A shared resource, not a copy per call (100,000 rows would cost a pickle round trip on every
+    use): callers must not modify it (every function of :mod:`bench.app.queries` returns new frames).
+    """
     dataset_version, protocol, convention = scope
     return queries.case_frame(get_store(url), dataset_version, protocol, convention, metrics, run_choice=run_choice)  # type: ignore[arg-type]
 
@@ -216,11 +219,14 @@ def scope_sidebar(ctx: Context, *, choose_protocol: bool = True) -> tuple[str, s
     """
     table = scopes(ctx.url, ctx.version)
     with st.sidebar:
-        st.markdown("**Results**")
+        st.markdown("**Scope**")
         labels = {row.dataset_version: f"{row.dataset} · {row.dataset_version}" for row in table.itertuples()}
+        keep_valid("scope_dataset", labels)
         dataset_version = st.selectbox("Dataset", list(labels), format_func=labels.__getitem__, key="scope_dataset", persist_state="session")
         here = table[table["dataset_version"] == dataset_version]
-        protocols = sorted(set(here["protocol"]), key=lambda p: (p not in queries.PROTOCOL_LABELS, list(queries.PROTOCOL_LABELS).index(p) if p in queries.PROTOCOL_LABELS else 0, p))
+        known = list(queries.PROTOCOL_LABELS)
+        protocols = sorted(set(here["protocol"]), key=lambda p: (known.index(p) if p in known else len(known), p))
+        keep_valid("scope_protocol", protocols)
         if choose_protocol:
             protocol = st.radio(
                 "Protocol",
@@ -233,6 +239,7 @@ def scope_sidebar(ctx: Context, *, choose_protocol: bool = True) -> tuple[str, s
         else:
             protocol = st.session_state.get("scope_protocol") if st.session_state.get("scope_protocol") in protocols else protocols[0]
         conventions = sorted(set(here.loc[here["protocol"] == protocol, "convention"]))
+        keep_valid("scope_convention", conventions)
         convention = (
             st.selectbox("Metric convention", conventions, key="scope_convention", persist_state="session")
             if len(conventions) > 1
@@ -248,6 +255,13 @@ def scope_sidebar(ctx: Context, *, choose_protocol: bool = True) -> tuple[str, s
         )
         database_caption(ctx)
     return (dataset_version, protocol, convention)
+
+
+def keep_valid(key: str, options: Sequence[Any] | dict) -> None:
+    """Forget a remembered widget value that is no longer among the options (another dataset or
+    database was chosen), so the widget falls back to its default instead of failing."""
+    if key in st.session_state and st.session_state[key] not in options:
+        del st.session_state[key]
 
 
 def run_choice() -> str:
@@ -308,3 +322,57 @@ def card_link(content_hash: str) -> str:
 def argv_for_app() -> list[str]:
     """``sys.argv[1:]`` when run by ``streamlit run app.py -- ...``, else nothing (e.g. under a test runner)."""
     return sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "app.py" else []
+
+
+@dataclass(frozen=True)
+class CaseView:
+    """A case ready to draw: its volumes, error map, grey-level windows and the slices worth visiting."""
+
+    volumes: Any  # bench.app.viewer.CaseVolumes
+    errors: Any  # numpy uint8 error map
+    windows: dict[str, tuple[float, float]]
+    foreground: Any  # numpy bool mask of the brain
+    lesion_slices: tuple[int, ...]
+    error_slices: tuple[int, ...]
+    first_slice: int
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading images…")
+def case_view(root: str, case_id: str, prediction_path: str | None) -> CaseView:
+    """Load a case for the viewer once per (dataset, case, prediction); shared read-only by sessions."""
+    from bench.app import viewer
+
+    volumes = viewer.load_case_volumes(root, case_id, prediction_path)
+    errors = volumes.errors
+    return CaseView(
+        volumes=volumes,
+        errors=errors,
+        windows={name: viewer.display_window(array, symmetric=viewer.is_z_score_map(name)) for name, array in volumes.channels.items()},
+        foreground=volumes.foreground,
+        lesion_slices=tuple(int(z) for z in viewer.slices_with(errors, (viewer.TRUE_POSITIVE, viewer.FALSE_NEGATIVE))),
+        error_slices=tuple(int(z) for z in viewer.slices_with(errors, (viewer.FALSE_POSITIVE, viewer.FALSE_NEGATIVE))),
+        first_slice=viewer.best_slice(errors),
+    )
+
+
+def legend_html(classes: Sequence[str]) -> str:
+    """Coloured swatches naming the overlay classes of the viewer."""
+    from bench.app.viewer import OVERLAY_CLASSES
+
+    items = []
+    for key in classes:
+        _, (r, g, b), text = OVERLAY_CLASSES[key]
+        items.append(
+            f'<span style="display:inline-flex;align-items:center;margin-right:1.1rem;">'
+            f'<span style="width:0.9rem;height:0.9rem;border-radius:3px;background:rgb({r},{g},{b});display:inline-block;margin-right:0.35rem;"></span>'
+            f"{text}</span>"
+        )
+    return '<div style="font-size:0.85rem;">' + "".join(items) + "</div>"
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def case_tile(root: str, case_id: str, channel: str) -> bytes:
+    """PNG of one case for the dataset montage (cached: tiles only change with the dataset)."""
+    from bench.app import viewer
+
+    return viewer.to_png(viewer.case_tile(root, case_id, channel=channel, height=220))

@@ -35,7 +35,7 @@ OVERLAY_CLASSES: dict[str, tuple[int, tuple[int, int, int], str]] = {
     "fp": (FALSE_POSITIVE, (213, 94, 0), "false positive (predicted, not lesion)"),
     "fn": (FALSE_NEGATIVE, (86, 180, 233), "false negative (lesion missed)"),
 }
-#: Colour of the reference outline when only the reference is shown (no prediction).
+#: Colour of the reference lesions when they are shown alone (no prediction), e.g. in dataset montages.
 REFERENCE_COLOUR = (240, 228, 66)
 
 
@@ -54,6 +54,11 @@ class CaseVolumes:
     reference: np.ndarray
     prediction: np.ndarray | None
     spacing: tuple[float, float, float]
+
+    @property
+    def foreground(self) -> np.ndarray:
+        """Voxels inside the brain: non-zero in the first channel (the maps are skull-stripped)."""
+        return next(iter(self.channels.values())) != 0
 
     @property
     def n_slices(self) -> int:
@@ -110,13 +115,24 @@ def error_map(reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
     return out
 
 
-def display_window(volume: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple[float, float]:
-    """Grey-level window of a volume: percentiles of its non-zero finite voxels (the brain)."""
+def display_window(volume: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0), *, symmetric: bool = False) -> tuple[float, float]:
+    """Grey-level window of a volume: percentiles of its non-zero finite voxels (the brain).
+
+    ``symmetric`` centres the window on 0 (for z-score maps such as Z-ADC, where 0 is "normal").
+    """
     values = volume[np.isfinite(volume) & (volume != 0)]
     if values.size == 0:
         return 0.0, 1.0
-    low, high = np.percentile(values, percentiles)
-    return (float(low), float(high)) if high > low else (float(low), float(low) + 1.0)
+    low, high = (float(v) for v in np.percentile(values, percentiles))
+    if symmetric:
+        half = max(abs(low), abs(high)) or 1.0
+        return -half, half
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+def is_z_score_map(channel_name: str) -> bool:
+    """Whether a channel is a z-score map (``Z-ADC``): shown with a window centred on 0."""
+    return channel_name.upper().startswith("Z")
 
 
 def slices_with(errors: np.ndarray, classes: Iterable[int]) -> np.ndarray:
@@ -148,6 +164,8 @@ def render_slice(
     errors: np.ndarray | None = None,
     *,
     window: tuple[float, float],
+    foreground: np.ndarray | None = None,
+    highlight: np.ndarray | None = None,
     pixel_mm: tuple[float, float] = (1.0, 1.0),
     show: Iterable[str] = ("tp", "fp", "fn"),
     alpha: float = 0.6,
@@ -159,6 +177,9 @@ def render_slice(
         image: 2-D slice of a channel.
         errors: 2-D slice of :func:`error_map` (``None``: grey only).
         window: Grey-level window (low, high).
+        foreground: 2-D mask of the brain; voxels outside it are drawn black.
+        highlight: 2-D mask painted in :data:`REFERENCE_COLOUR` (the reference lesions, when there
+            is no prediction to compare with).
         pixel_mm: Physical size of a row and a column of the slice (mm), for the aspect ratio.
         show: Overlay classes to paint (keys of :data:`OVERLAY_CLASSES`).
         alpha: Opacity of the overlay.
@@ -166,12 +187,16 @@ def render_slice(
     """
     low, high = window
     grey = np.clip((np.nan_to_num(image.astype(np.float32)) - low) / (high - low), 0.0, 1.0)
+    if foreground is not None:
+        grey = np.where(foreground, grey, 0.0)
     rgb = np.repeat((grey * 255.0)[..., None], 3, axis=2)
     if errors is not None:
         for key in show:
             code, colour, _ = OVERLAY_CLASSES[key]
             where = errors == code
             rgb[where] = (1.0 - alpha) * rgb[where] + alpha * np.asarray(colour, np.float32)
+    if highlight is not None:
+        rgb[highlight] = (1.0 - alpha) * rgb[highlight] + alpha * np.asarray(REFERENCE_COLOUR, np.float32)
     rgb = rgb.astype(np.uint8)
     # Integer upscaling to roughly square millimetre pixels, then to the requested height.
     row_mm, col_mm = (float(pixel_mm[0]), float(pixel_mm[1]))
@@ -205,3 +230,42 @@ def montage(tiles: Sequence[np.ndarray], *, columns: int, gap: int = 6, backgrou
         left = gap + c * (cell_w + gap) + (cell_w - tile.shape[1]) // 2
         out[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
     return out
+
+
+def case_tile(dataset_root: str | Path, case_id: str, *, channel: int | str = 0, height: int = 200) -> np.ndarray:
+    """One case as a montage tile: the slice with the most reference lesion, lesions highlighted."""
+    from bench.data.dataset import Dataset
+
+    case = Dataset.load(dataset_root).case(case_id)
+    image, geometry = case.load_channel(channel)
+    name = case.channel_names[channel] if isinstance(channel, int) else channel
+    reference = case.load_label() if case.label_path is not None else np.zeros(image.shape, bool)
+    counts = reference.reshape(reference.shape[0], -1).sum(axis=1)
+    z = int(np.argmax(counts)) if counts.any() else image.shape[0] // 2
+    first, _ = case.load_channel(0)
+    return render_slice(
+        image[z],
+        window=display_window(image, symmetric=is_z_score_map(name)),
+        foreground=first[z] != 0,
+        highlight=reference[z],
+        pixel_mm=(geometry.spacing[1], geometry.spacing[2]),
+        height=height,
+    )
+
+
+def focus_box(errors: np.ndarray, *, margin: float = 0.35, min_size: int = 24) -> tuple[slice, slice]:
+    """In-plane rows and columns around every lesion and error voxel of the case (all slices), with a
+    margin, at least ``min_size`` voxels wide, clipped to the image: a frame that stays put while the
+    slices are scrolled. The whole slice when there is nothing to focus on."""
+    rows, cols = errors.shape[1:]
+    present = errors > 0
+    if not present.any():
+        return slice(0, rows), slice(0, cols)
+    box = []
+    for axis, size in ((1, rows), (2, cols)):
+        hit = np.flatnonzero(present.any(axis=tuple(a for a in range(3) if a != axis)))
+        low, high = int(hit[0]), int(hit[-1]) + 1
+        pad = max(int(round((high - low) * margin)), (min_size - (high - low) + 1) // 2, 2)
+        low, high = max(0, low - pad), min(size, high + pad)
+        box.append(slice(low, high))
+    return box[0], box[1]

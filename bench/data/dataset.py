@@ -267,7 +267,7 @@ class Dataset:
         for case in self.cases:
             if case.label_path is None:
                 problems.append(f"{layout.label_path(self.root, case.case_id, self.file_ending)}: label of case {case.case_id} is missing")
-            reference: Geometry | None = None
+            reference: tuple[Path, Geometry] | None = None
             for path in (*case.image_paths, case.label_path):
                 if path is None:
                     continue
@@ -277,9 +277,9 @@ class Dataset:
                     problems.append(str(exc))
                     continue
                 if reference is None:
-                    reference = geometry
-                elif differences := reference.differences(geometry):
-                    problems.append(f"{path}: grid differs from {case.image_paths[0].name} ({'; '.join(differences)})")
+                    reference = (path, geometry)
+                elif differences := reference[1].differences(geometry):
+                    problems.append(f"{path}: grid differs from {reference[0].name} ({'; '.join(differences)})")
                 if path == case.label_path:
                     values = np.unique(array)
                     if not np.isin(values, (0, 1)).all():

@@ -23,9 +23,10 @@ OUTLINE_COLOR = "#ffd400"
 
 
 def pick_slices(brain: np.ndarray, label: np.ndarray, n_slices: int) -> list[int]:
-    """``n_slices`` slice indices spread evenly over the slices that contain brain, with the slice of
-    largest lesion area always among them (when there is a lesion)."""
-    with_brain = np.flatnonzero(brain.reshape(brain.shape[0], -1).any(axis=1))
+    """``n_slices`` slice indices spread evenly over the slices with a fair amount of brain (a fifth of
+    the largest brain section), with the slice of largest lesion area always among them."""
+    brain_area = brain.reshape(brain.shape[0], -1).sum(axis=1)
+    with_brain = np.flatnonzero(brain_area >= 0.2 * brain_area.max()) if brain_area.any() else np.array([], int)
     if with_brain.size == 0:
         with_brain = np.arange(brain.shape[0])
     count = min(n_slices, with_brain.size)
@@ -46,10 +47,32 @@ def pick_slices(brain: np.ndarray, label: np.ndarray, n_slices: int) -> list[int
     return sorted(set(chosen))
 
 
+def brain_crop(brain: np.ndarray, margin: int = 3) -> tuple[slice, slice, slice]:
+    """Index of the in-plane bounding box of the brain (all slices kept), grown by ``margin`` pixels."""
+    if not brain.any():
+        return (slice(None), slice(None), slice(None))
+    rows = np.flatnonzero(brain.any(axis=(0, 2)))
+    cols = np.flatnonzero(brain.any(axis=(0, 1)))
+    return (
+        slice(None),
+        slice(max(int(rows[0]) - margin, 0), int(rows[-1]) + margin + 1),
+        slice(max(int(cols[0]) - margin, 0), int(cols[-1]) + margin + 1),
+    )
+
+
+def _ml(value: object) -> str:
+    try:
+        return f"{float(value):.1f} ml"  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "? ml"
+
+
 def _save(figure, out: Path) -> Path:
     """Save a figure atomically (temporary file in the same folder, then rename)."""
     import os
     import tempfile
+
+    from bench.data.layout import make_shareable
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +80,7 @@ def _save(figure, out: Path) -> Path:
     os.close(fd)
     try:
         figure.savefig(tmp, dpi=figure.dpi, facecolor="black")
+        make_shareable(Path(tmp))
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -79,13 +103,13 @@ def render_case(case: "Case", out: str | Path, *, n_slices: int = 8) -> Path:
     import matplotlib.pyplot as plt
 
     image, geometry = case.load_image()
-    adc, zadc = image[0], image[min(1, image.shape[0] - 1)]
-    label = case.load_label() if case.label_path is not None else np.zeros(adc.shape, bool)
+    crop = brain_crop(image[0] != 0)
+    adc, zadc = image[0][crop], image[min(1, image.shape[0] - 1)][crop]
+    label = case.load_label()[crop] if case.label_path is not None else np.zeros(adc.shape, bool)
     slices = pick_slices(adc != 0, label, n_slices)
     spacing_yx = geometry.spacing[1:]
     zadc_display = np.ma.masked_where(adc == 0, zadc)
-    cmap_z = matplotlib.colormaps["RdBu_r"].copy()
-    cmap_z.set_bad("black")
+    cmap_z = matplotlib.colormaps["RdBu_r"].with_extremes(bad="black")
     rows = [
         ("ADC", adc, "gray", ADC_RANGE, None),
         ("Z-ADC", zadc_display, cmap_z, ZADC_RANGE, None),
@@ -101,8 +125,7 @@ def render_case(case: "Case", out: str | Path, *, n_slices: int = 8) -> Path:
                 ax.set_title(f"z={z}", color="white", fontsize=8)
         axes[row, 0].text(-0.05, 0.5, title, transform=axes[row, 0].transAxes, rotation=90, color="white", fontsize=9, ha="right", va="center")
     meta = case.metadata
-    lesion = meta.get("lesion_volume_ml")
-    subtitle = f"{case.case_id} | {case.site} | {meta.get('pattern', '?')} | lesion {lesion} ml" if lesion is not None else f"{case.case_id} | {case.site}"
+    subtitle = f"{case.case_id} | {case.site} | {meta.get('pattern', '?')} | lesion {_ml(meta.get('lesion_volume_ml'))}"
     figure.suptitle(subtitle, color="white", fontsize=10)
     figure.tight_layout(rect=(0.02, 0, 1, 0.95))
     try:
@@ -123,8 +146,7 @@ def render_site_montage(dataset: "Dataset", out: str | Path, *, cases_per_site: 
     sites = dataset.sites
     figure, axes = plt.subplots(len(sites), 2 * cases_per_site, figsize=(2.2 * 2 * cases_per_site, 2.5 * len(sites)), dpi=100, squeeze=False)
     figure.patch.set_facecolor("black")
-    cmap_z = matplotlib.colormaps["RdBu_r"].copy()
-    cmap_z.set_bad("black")
+    cmap_z = matplotlib.colormaps["RdBu_r"].with_extremes(bad="black")
     for row, site in enumerate(sites):
         chosen = _example_cases([c for c in dataset.cases if c.site == site], cases_per_site)
         for index in range(cases_per_site):
@@ -135,8 +157,9 @@ def render_site_montage(dataset: "Dataset", out: str | Path, *, cases_per_site: 
                 continue
             case = chosen[index]
             image, geometry = case.load_image()
-            adc, zadc = image[0], image[min(1, image.shape[0] - 1)]
-            label = case.load_label() if case.label_path is not None else np.zeros(adc.shape, bool)
+            crop = brain_crop(image[0] != 0)
+            adc, zadc = image[0][crop], image[min(1, image.shape[0] - 1)][crop]
+            label = case.load_label()[crop] if case.label_path is not None else np.zeros(adc.shape, bool)
             area = label.reshape(label.shape[0], -1).sum(axis=1)
             brain_slices = np.flatnonzero((adc != 0).reshape(adc.shape[0], -1).any(axis=1))
             z = int(np.argmax(area)) if area.any() else int(brain_slices[len(brain_slices) // 2]) if brain_slices.size else adc.shape[0] // 2
@@ -145,7 +168,7 @@ def render_site_montage(dataset: "Dataset", out: str | Path, *, cases_per_site: 
             _draw(ax_z, np.ma.masked_where(adc[z] == 0, zadc[z]), spacing_yx=spacing_yx, cmap=cmap_z, value_range=ZADC_RANGE, outline=label[z])
             meta = case.metadata
             ax_adc.set_title(f"{case.case_id} ADC", color="white", fontsize=8)
-            ax_z.set_title(f"Z-ADC | {meta.get('pattern', '?')} {meta.get('lesion_volume_ml', '?')} ml", color="white", fontsize=8)
+            ax_z.set_title(f"Z-ADC | {meta.get('pattern', '?')} {_ml(meta.get('lesion_volume_ml'))}", color="white", fontsize=8)
         sample = next((c for c in dataset.cases if c.site == site), None)
         scanner = sample.metadata.get("scanner", "") if sample is not None else ""
         axes[row, 0].text(-0.08, 0.5, f"{site}\n{scanner}", transform=axes[row, 0].transAxes, rotation=90, color="white", fontsize=8, ha="right", va="center")

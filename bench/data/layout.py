@@ -45,7 +45,7 @@ SPLITS_JSON = "splits.json"
 LABELS: dict[str, int] = {"background": 0, "lesion": 1}
 #: Version of this layout (``hie_bench.format`` in ``dataset.json``).
 LAYOUT_FORMAT = 1
-#: Case ids are file-name safe and cannot be mistaken for a channel suffix.
+#: Case ids are file-name safe (nnU-Net finds them by cutting ``_NNNN<ending>`` off the image names).
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: Voxel connectivity used to count lesions (26 = faces, edges and corners touch).
 LESION_CONNECTIVITY = 26
@@ -73,11 +73,8 @@ def is_dataset_folder(path: str | Path) -> bool:
 
 def check_case_id(case_id: str) -> str:
     """Return ``case_id`` if it is a valid case id, else raise :class:`LayoutError`."""
-    if not CASE_ID_PATTERN.match(case_id) or re.search(r"_\d{4}$", case_id):
-        raise LayoutError(
-            f"case id {case_id!r} is not usable as a file name stem (letters, digits, '_', '.', '-'; "
-            "not ending in _NNNN, which nnU-Net reads as a channel suffix)"
-        )
+    if not CASE_ID_PATTERN.match(case_id):
+        raise LayoutError(f"case id {case_id!r} is not usable as a file name stem (letters, digits, '_', '.', '-')")
     return case_id
 
 
@@ -87,7 +84,8 @@ def check_case_id(case_id: str) -> str:
 
 def geometry_key(geometry: Geometry) -> str:
     """Geometry rounded to 1e-4 mm as text: the grid part of the content hash."""
-    parts = [",".join(f"{v:.4f}" for v in values) for values in (geometry.spacing, geometry.origin, geometry.direction)]
+    # "+ 0.0" turns -0.0 into 0.0: header-only reads report some zero direction cosines as -0.0.
+    parts = [",".join(f"{round(float(v), 4) + 0.0:.4f}" for v in values) for values in (geometry.spacing, geometry.origin, geometry.direction)]
     return "|".join(parts)
 
 
@@ -311,9 +309,21 @@ class DatasetWriter:
             "hie_bench": {"format": LAYOUT_FORMAT, "version": version, "sites": sites, **dict(self.extra)},
         }
         write_text_atomic(root / DATASET_JSON, json.dumps(dataset_json, indent=2) + "\n")
+        make_shareable(root)
         _replace_folder(root, self.out)
         self._root = None
         return Dataset.load(self.out)
+
+
+def make_shareable(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions of a normally created file
+    or folder. Temporary files and folders are created private (0600 / 0700); the final dataset should
+    be readable like anything else the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def _replace_folder(source: Path, destination: Path) -> None:

@@ -55,7 +55,7 @@ VOLUME_FACTOR: dict[str, float] = {
     "watershed": 1.2,
     "plic": 0.25,
     "diffuse_wm": 2.0,
-    "punctate": 0.12,
+    "punctate": 0.15,
 }
 
 
@@ -165,7 +165,8 @@ def draw_bgt(ctx: LesionContext, rng: np.random.Generator, target_ml: float) -> 
     """Basal ganglia / thalamus: bilateral, roughly mirror-symmetric lesions, sometimes with PLIC involvement."""
     template = ctx.template
     weight = np.zeros(template.shape, np.float32)
-    allowed = _parenchyma(template)
+    # Confined to the deep grey nuclei and the internal capsule between them.
+    allowed = np.clip(template.deep_gm * 1.5 + template.plic, 0.0, 1.0)
     structures = [name for name, p in (("thalamus", 0.9), ("lentiform", 0.7), ("caudate", 0.25)) if rng.random() < p]
     structures = structures or ["thalamus"]
 
@@ -189,7 +190,7 @@ def draw_bgt(ctx: LesionContext, rng: np.random.Generator, target_ml: float) -> 
             pending.append(mirrored(center))
         return center
 
-    _blobs_until(weight, ctx, rng, target_ml, sample_center=next_center, radius_mm=(2.5, 7.0), allowed=allowed, max_blobs=10)
+    _blobs_until(weight, ctx, rng, target_ml, sample_center=next_center, radius_mm=(2.5, 8.0), allowed=allowed, max_blobs=14)
     if rng.random() < 0.5:
         _add_plic(weight, ctx, rng, bilateral=rng.random() < 0.7)
     return weight

@@ -21,6 +21,7 @@ import json
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,7 +92,10 @@ def _export_torchscript(run_dir: Path, folder: Path) -> dict[str, Any]:
     bundle = ModelBundle.load(run_dir / MODEL_FILE)
     model = MirroredSoftmax(bundle.build_network(), bundle.inference.mirror_axes).eval()
     example = torch.zeros((1, bundle.in_channels, *bundle.patch_size), dtype=torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # shape checks inside MONAI/torch layers become constants of the trace: harmless here, because
+        # the exported model is only ever run on windows of the traced patch size
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
     torch.jit.save(traced, str(folder / "model.pt"))
     preprocessing = bundle.preprocessing_config()
@@ -146,8 +150,8 @@ def _export_nnunet(run_dir: Path, record: dict[str, Any], folder: Path) -> dict[
         "model_folder": "model",
         "folds": [FOLD],
         "checkpoint": "checkpoint_final.pth",
-        "tile_step_size": recipe.inference.tile_step_size,
-        "use_mirroring": recipe.inference.mirroring,
+        "tile_step_size": recipe.inference_for(identity["schedule"]).tile_step_size,
+        "use_mirroring": recipe.inference_for(identity["schedule"]).mirroring,
         "inputs": {"channels": [channels[str(i)] for i in range(len(channels))], "space": "native"},
     }
 

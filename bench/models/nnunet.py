@@ -46,11 +46,10 @@ import numpy as np
 
 from bench.imageio import strip_image_suffix, write_text_atomic
 from bench.models.recipe import NnUNetRecipe, NnUNetSchedule, ScheduleName
-from bench.models.runfolder import append_log, claim_run_dir, select_device
+from bench.models.runfolder import append_log, claim_run_dir, select_device, write_curves, write_history
 
 if TYPE_CHECKING:
     from bench.data.dataset import Case
-    from bench.data.splits import Fold
     from bench.preprocess import PreprocessingConfig
 
 DATASET_NAME = "HIEBench"
@@ -180,10 +179,12 @@ def write_raw_dataset(folder: Path, cases: Sequence["Case"], channels: Sequence[
         raise NnUNetError("an nnU-Net dataset needs at least one case")
     ending = _file_ending(cases[0].image_paths[0])
     folder.parent.mkdir(parents=True, exist_ok=True)
+    from bench.data import layout  # the benchmark's layout is nnU-Net's raw layout: one naming rule
+
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
+        (tmp / layout.IMAGES_DIR).mkdir()
+        (tmp / layout.LABELS_DIR).mkdir()
         for case in cases:
             if case.label_path is None:
                 raise NnUNetError(f"case {case.case_id} has no reference label; it cannot be used to train nnU-Net")
@@ -193,8 +194,8 @@ def write_raw_dataset(folder: Path, cases: Sequence["Case"], channels: Sequence[
                 source = case.image_paths[case.channel_names.index(name)]
                 if _file_ending(source) != ending:
                     raise NnUNetError(f"{source}: file type differs from {cases[0].image_paths[0].name}; nnU-Net needs one file ending per dataset")
-                _link(source, tmp / "imagesTr" / f"{case.case_id}_{index:04d}{ending}")
-            _link(case.label_path, tmp / "labelsTr" / f"{case.case_id}{ending}")
+                _link(source, layout.image_path(tmp, case.case_id, index, ending))
+            _link(case.label_path, layout.label_path(tmp, case.case_id, ending))
         dataset_json = {
             "name": DATASET_NAME,
             "description": "HIE-Bench training fold (links to the benchmark dataset)",
@@ -204,7 +205,7 @@ def write_raw_dataset(folder: Path, cases: Sequence["Case"], channels: Sequence[
             "file_ending": ending,
             "overwrite_image_reader_writer": "SimpleITKIO",
         }
-        (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+        (tmp / layout.DATASET_JSON).write_text(json.dumps(dataset_json, indent=2))
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,17 +213,13 @@ def write_raw_dataset(folder: Path, cases: Sequence["Case"], channels: Sequence[
     return folder
 
 
-def nnunet_splits(folds: Sequence["Fold"]) -> list[dict[str, list[str]]]:
-    """Benchmark folds as nnU-Net's ``splits_final.json`` entries: fold i trains on ``folds[i].train``
-    and validates on ``folds[i].test``."""
-    return [{"train": list(fold.train), "val": list(fold.test)} for fold in folds]
-
-
 def write_splits_final(preprocessed_dataset: Path, splits: Sequence[Mapping[str, Sequence[str]]]) -> Path:
     """Write ``splits_final.json`` (a list of ``{"train": [...], "val": [...]}``) atomically.
 
     nnU-Net uses this file instead of drawing its own 5-fold split, so its fold ``i`` is exactly
-    ``splits[i]``. Every id must be a distinct case within a split.
+    ``splits[i]``. :meth:`NnUNetTrainable.fit` writes the one split it trains; for a whole
+    cross-validation with nnU-Net's own tools, pass :func:`bench.data.splits.to_nnunet_splits` of the
+    benchmark's folds.
     """
     cleaned = []
     for index, split in enumerate(splits):
@@ -238,26 +235,26 @@ def write_splits_final(preprocessed_dataset: Path, splits: Sequence[Mapping[str,
 # --------------------------------------------------------------------------------------------------
 
 
-def plan_and_preprocess(workspace: NnUNetWorkspace, recipe: NnUNetRecipe, num_processes: int = 1) -> dict[str, Any]:
+def plan_and_preprocess(workspace: NnUNetWorkspace, recipe: NnUNetRecipe, schedule: NnUNetSchedule, num_processes: int = 1) -> dict[str, Any]:
     """Fingerprint, plan and preprocess the workspace's dataset (skipped when already done); returns the plans.
 
-    Uses the API functions that take classes rather than class names, so no package scan happens.
-    Must run inside :func:`nnunet_environment`.
+    Mirrors ``nnUNetv2_plan_and_preprocess`` through :mod:`nnunetv2.experiment_planning.plan_and_preprocess_api`,
+    with the classes passed directly (no lookup by name, hence no package scan) and only the recipe's
+    configuration preprocessed. Must run inside :func:`nnunet_environment`.
     """
     plans_file = workspace.preprocessed_dataset / f"{PLANS_NAME}.json"
     marker = workspace.preprocessed_dataset / PREPROCESSED_MARKER
     if not marker.is_file():
         from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
         from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-            extract_fingerprint_dataset,
-            plan_experiment_dataset,
-            preprocess_dataset,
-        )
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset, preprocess_dataset
 
-        extract_fingerprint_dataset(
-            workspace.dataset_id, DatasetFingerprintExtractor, num_processes=num_processes, check_dataset_integrity=False, clean=True, verbose=False, show_progress_bar=False
-        )
+        # what extract_fingerprint_dataset() does, with the option of fewer intensity samples
+        extractor = DatasetFingerprintExtractor(workspace.dataset_id, num_processes, verbose=False)
+        extractor.show_progress_bar = False
+        if schedule.fingerprint_foreground_samples is not None:
+            extractor.num_foreground_voxels_for_intensitystats = schedule.fingerprint_foreground_samples
+        extractor.run(overwrite_existing=True)
         plan_experiment_dataset(workspace.dataset_id, ExperimentPlanner, gpu_memory_target_in_gb=recipe.gpu_memory_target_gb)
         preprocess_dataset(
             workspace.dataset_id, PLANS_NAME, configurations=(recipe.configuration,), num_processes=[num_processes], verbose=False, show_progress_bar=False
@@ -366,8 +363,8 @@ class NnUNetTrainable:
             fold_folder.parent,
             channels=self.channels,
             device=self.device_preference,
-            tile_step_size=self.recipe.inference.tile_step_size,
-            use_mirroring=self.recipe.inference.mirroring,
+            tile_step_size=self.recipe.inference_for(self.schedule_name).tile_step_size,
+            use_mirroring=self.recipe.inference_for(self.schedule_name).mirroring,
         )
 
     def _train(self, train_cases: list["Case"], val_cases: list["Case"], run_dir: Path, workspace: NnUNetWorkspace, fold_folder: Path) -> None:
@@ -379,7 +376,7 @@ class NnUNetTrainable:
         with nnunet_environment(workspace, data_workers=1), output_to_log(run_dir / NNUNET_LOG):
             start = time.perf_counter()
             write_raw_dataset(workspace.raw_dataset, [*train_cases, *val_cases], self.channels)
-            plan_and_preprocess(workspace, self.recipe)
+            plan_and_preprocess(workspace, self.recipe, self.schedule)
             append_log(run_dir, f"nnU-Net planned and preprocessed {len(train_cases) + len(val_cases)} cases in {time.perf_counter() - start:.1f}s")
             train_ids = [c.case_id for c in train_cases]
             # nnU-Net needs validation cases; without any, it validates on the training cases (as its fold "all" does)
@@ -387,11 +384,12 @@ class NnUNetTrainable:
             write_splits_final(workspace.preprocessed_dataset, [{"train": train_ids, "val": val_ids}])
 
         with nnunet_environment(workspace, data_workers), output_to_log(run_dir / NNUNET_LOG):
-            latest = fold_folder / "checkpoint_latest.pth"
-            trainer = make_trainer(workspace, self.recipe, self.schedule, device, continue_training=latest.is_file())
-            if latest.is_file():
-                trainer.load_checkpoint(str(latest))
-                append_log(run_dir, f"nnU-Net resumed from {latest} at epoch {trainer.current_epoch}")
+            # as maybe_load_checkpoint() for `nnUNetv2_train --c`: the latest checkpoint, else the best one
+            resume_from = next((p for p in (fold_folder / "checkpoint_latest.pth", fold_folder / "checkpoint_best.pth") if p.is_file()), None)
+            trainer = make_trainer(workspace, self.recipe, self.schedule, device, continue_training=resume_from is not None)
+            if resume_from is not None:
+                trainer.load_checkpoint(str(resume_from))
+                append_log(run_dir, f"nnU-Net resumed from {resume_from} at epoch {trainer.current_epoch}")
             elif self.recipe.pretrained_weights:
                 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
@@ -405,12 +403,42 @@ class NnUNetTrainable:
                 append_log(run_dir, f"nnU-Net initialised from {weights}")
             start = time.perf_counter()
             trainer.run_training()
-            seconds = getattr(trainer, "train_seconds", None)
-            throughput = ""
-            if seconds:
-                patches = trainer.num_iterations_per_epoch * trainer.batch_size
-                throughput = f", {patches / seconds[-1]:.2f} patches/s in the last epoch"
-            append_log(run_dir, f"nnU-Net trained {trainer.num_epochs} epochs in {time.perf_counter() - start:.1f}s{throughput}")
+            history = nnunet_history(trainer)
+            write_history(run_dir, history)
+            write_curves(run_dir, history)
+            last = history[-1]["patches_per_s"] if history else float("nan")
+            append_log(run_dir, f"nnU-Net trained {trainer.num_epochs} epochs in {time.perf_counter() - start:.1f}s ({last:.2f} patches/s in the last epoch)")
+
+
+def nnunet_history(trainer) -> list[dict[str, Any]]:
+    """Per-epoch rows from nnU-Net's logger in the columns of the MONAI trainer's ``history.csv``.
+
+    ``val_dice`` is nnU-Net's pseudo Dice (on validation patches); ``train_s`` and ``patches_per_s``
+    exist for the epochs this process trained with :class:`~bench.models.nnunet_trainer.ShortScheduleTrainer`.
+    """
+    logged = {key: list(trainer.logger.get_value(key, step=None)) for key in ("train_losses", "val_losses", "mean_fg_dice", "lrs", "epoch_start_timestamps", "epoch_end_timestamps")}
+    n_epochs = len(logged["train_losses"])
+    seconds = list(getattr(trainer, "train_seconds", []))
+    first_timed = n_epochs - len(seconds)
+    patches = trainer.num_iterations_per_epoch * trainer.batch_size
+    rows = []
+    for epoch in range(n_epochs):
+        train_s = seconds[epoch - first_timed] if epoch >= first_timed else float("nan")
+        rows.append(
+            {
+                "epoch": epoch,
+                "lr": float(logged["lrs"][epoch]) if epoch < len(logged["lrs"]) else float("nan"),
+                "train_loss": float(logged["train_losses"][epoch]),
+                "val_loss": float(logged["val_losses"][epoch]) if epoch < len(logged["val_losses"]) else float("nan"),
+                "val_dice": float(logged["mean_fg_dice"][epoch]) if epoch < len(logged["mean_fg_dice"]) else float("nan"),
+                "epoch_s": float(logged["epoch_end_timestamps"][epoch] - logged["epoch_start_timestamps"][epoch])
+                if epoch < min(len(logged["epoch_end_timestamps"]), len(logged["epoch_start_timestamps"]))
+                else float("nan"),
+                "train_s": train_s,
+                "patches_per_s": patches / train_s if train_s > 0 else float("nan"),
+            }
+        )
+    return rows
 
 
 def load_nnunet_checkpoint(path: Path) -> dict[str, Any]:

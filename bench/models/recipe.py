@@ -237,6 +237,11 @@ class MonaiSchedule(_Config):
     channels_last: bool | Auto = "auto"
     #: torch.compile; "auto" = on CUDA when the run is long enough to repay the compilation time.
     compile: bool | Auto = "auto"
+    #: Network params replaced for this schedule only (e.g. narrower layers for a quick CPU run).
+    network_params: dict[str, Any] = Field(default_factory=dict)
+    #: Inference settings for models trained with this schedule; ``None``: the recipe's ``inference``
+    #: (the shipped CPU schedules switch flip TTA off to keep the demo quick).
+    inference: InferenceConfig | None = None
 
     @field_validator("patch_size")
     @classmethod
@@ -262,10 +267,24 @@ class MonaiRecipe(_Config):
     transfer: TransferConfig = TransferConfig()
     schedules: dict[ScheduleName, MonaiSchedule]
 
+    def network_params(self, schedule: ScheduleName) -> dict[str, Any]:
+        """``network.params`` with the schedule's ``network_params`` applied."""
+        return {**self.network.params, **self.schedules[schedule].network_params}
+
+    def inference_for(self, schedule: ScheduleName) -> InferenceConfig:
+        """The schedule's ``inference`` if it has one, else the recipe's."""
+        return self.schedules[schedule].inference or self.inference
+
 
 # --------------------------------------------------------------------------------------------------
 # nnU-Net
 # --------------------------------------------------------------------------------------------------
+
+
+class NnUNetInference(_Config):
+    tile_step_size: float = Field(0.5, gt=0, le=1)
+    #: Mirroring test-time augmentation over the axes nnU-Net allowed during training.
+    mirroring: bool = True
 
 
 class NnUNetSchedule(_Config):
@@ -281,17 +300,17 @@ class NnUNetSchedule(_Config):
     data_workers: int | None = Field(None, ge=0)
     #: Write checkpoint_latest.pth every N epochs (nnU-Net: 50); smaller makes interrupted runs resume later.
     save_every: int | None = Field(None, ge=1)
+    #: Foreground voxels sampled (in total, over all cases) for the intensity statistics of nnU-Net's
+    #: fingerprint; ``None`` keeps nnU-Net's 10^8, which on a handful of tiny cases means tens of
+    #: millions of samples per case with replacement and dominates a CPU test's run time.
+    fingerprint_foreground_samples: int | None = Field(None, ge=1000)
+    #: Inference settings for models trained with this schedule; ``None``: the recipe's ``inference``.
+    inference: NnUNetInference | None = None
 
     @property
     def is_default(self) -> bool:
         """True when nothing about the training itself is overridden."""
         return all(getattr(self, name) is None for name in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch", "batch_size"))
-
-
-class NnUNetInference(_Config):
-    tile_step_size: float = Field(0.5, gt=0, le=1)
-    #: Mirroring test-time augmentation over the axes nnU-Net allowed during training.
-    mirroring: bool = True
 
 
 class NnUNetRecipe(_Config):
@@ -307,6 +326,10 @@ class NnUNetRecipe(_Config):
     #: nnU-Net checkpoint (path relative to the submission folder) to initialise the network from.
     pretrained_weights: str | None = None
     schedules: dict[ScheduleName, NnUNetSchedule]
+
+    def inference_for(self, schedule: ScheduleName) -> NnUNetInference:
+        """The schedule's ``inference`` if it has one, else the recipe's."""
+        return self.schedules[schedule].inference or self.inference
 
 
 Recipe = Annotated[Union[MonaiRecipe, NnUNetRecipe], Field(discriminator="trainer")]
@@ -345,3 +368,19 @@ def select_schedule(recipe: MonaiRecipe | NnUNetRecipe, schedule: str, *, source
     if name not in recipe.schedules:
         raise RecipeError(f"{source}: the recipe has no '{name}' schedule (it has: {', '.join(recipe.schedules) or 'none'})")
     return recipe.schedules[name]
+
+
+def override_schedule(recipe: dict[str, Any], schedule: str, **fields: Any) -> dict[str, Any]:
+    """A copy of the recipe mapping whose ``schedule`` (``auto`` resolved) has ``fields`` replaced.
+
+    Used to run an entrant briefly (tests, ``bench perf models``) without editing its submission.
+    """
+    import copy
+
+    name = resolve_schedule_name(schedule)
+    result = copy.deepcopy(recipe)
+    schedules = result.setdefault("schedules", {})
+    if name not in schedules:
+        raise RecipeError(f"the recipe has no '{name}' schedule to override (it has: {', '.join(schedules) or 'none'})")
+    schedules[name] = {**(schedules[name] or {}), **fields}
+    return result

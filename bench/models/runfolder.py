@@ -16,6 +16,7 @@ cases, :func:`claim_run_dir` refuses to touch it rather than resume someone else
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -109,3 +110,44 @@ def select_device(preference: str | None = None):
             raise RuntimeError(f"device {preference!r} requested but CUDA is not available")
         return device
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """``history.csv``: one row per epoch (written atomically)."""
+    import pandas as pd
+
+    from bench.imageio import write_text_atomic
+
+    write_text_atomic(run_dir / HISTORY_FILE, pd.DataFrame(history).to_csv(index=False))
+
+
+def write_curves(run_dir: Path, history: list[dict[str, Any]]) -> Path | None:
+    """``curves.png``: training loss and validation Dice per epoch (skipped when matplotlib is missing).
+
+    ``history`` rows need ``epoch``, ``train_loss`` and ``val_dice`` (NaN where not validated).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency, but curves are optional
+        return None
+    epochs = [row["epoch"] for row in history]
+    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], color="tab:blue", label="training loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    dice_axis = loss_axis.twinx()
+    validated = [(row["epoch"], row["val_dice"]) for row in history if not math.isnan(row["val_dice"])]
+    if validated:
+        dice_axis.plot(*zip(*validated), "o-", color="tab:orange", label="validation Dice")
+    dice_axis.set_ylabel("validation Dice", color="tab:orange")
+    dice_axis.set_ylim(0, 1)
+    fig.tight_layout()
+    path = run_dir / CURVES_FILE
+    tmp = path.with_name(".tmp-" + path.name)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

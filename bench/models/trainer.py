@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from bench.models.recipe import MonaiRecipe, MonaiSchedule, ScheduleName
+from bench.models.recipe import InferenceConfig, MonaiRecipe, MonaiSchedule, ScheduleName
 from bench.models.runfolder import (
     CHECKPOINT_FILE,
-    CURVES_FILE,
-    HISTORY_FILE,
     MODEL_FILE,
     append_log,
     claim_run_dir,
     select_device,
     torch_save_atomic,
+    write_curves,
+    write_history,
 )
 
 if TYPE_CHECKING:
@@ -107,6 +107,18 @@ def lr_at(epoch: int, epochs: int, recipe: MonaiRecipe) -> float:
     else:
         factor = 1.0
     return schedule.min_lr + (base - schedule.min_lr) * factor
+
+
+def validation_dice(model, cases: Sequence["PreprocessedCase"], patch_size: Sequence[int], inference: InferenceConfig, device, **options: bool) -> float:
+    """Mean Dice over ``cases`` of sliding-window predictions on the preprocessed grid (a case without
+    lesion counts 1 when nothing is predicted, 0 otherwise)."""
+    from bench.models.inference import dice, sliding_window_probabilities
+
+    scores = [
+        dice(sliding_window_probabilities(model, item.image, patch_size, inference, device, **options) > inference.threshold, item.label)
+        for item in cases
+    ]
+    return float(np.mean(scores))
 
 
 def build_optimizer(parameters, recipe: MonaiRecipe) -> "torch.optim.Optimizer":
@@ -180,6 +192,19 @@ class MonaiTrainable:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.device_preference = device
         self.source = dict(source or {})
+        self._check_network()
+
+    def _check_network(self) -> None:
+        """Build the network once for the schedule's patch size, so a wrong name, bad params or a patch
+        the architecture cannot take fail when the submission is loaded, not hours into a run.
+
+        Isotropic spacing is assumed here; automatic plans never down-sample an axis that cannot be
+        halved, so the real (anisotropic) spacing cannot make a checked patch size invalid.
+        """
+        from bench.models.networks import NetworkContext, build_network
+
+        context = NetworkContext(len(self.preprocessing.channels), OUT_CHANNELS, tuple(self.schedule.patch_size))  # type: ignore[arg-type]
+        build_network(self.recipe.network.name, self.recipe.network_params(self.schedule_name), context)
 
     # -- public API -------------------------------------------------------------------------------------
 
@@ -228,6 +253,7 @@ class MonaiTrainable:
         from bench.models.networks import NetworkContext, build_network, get_entry
 
         recipe, schedule = self.recipe, self.schedule
+        inference = recipe.inference_for(self.schedule_name)
         device = select_device(self.device_preference)
         cuda = device.type == "cuda"
         amp = cuda and schedule.amp in (True, "auto")
@@ -251,7 +277,8 @@ class MonaiTrainable:
         transform = build_train_transform(schedule.patch_size, recipe.augmentation, recipe.sampling)
 
         torch.manual_seed(recipe.seed)
-        net = build_network(recipe.network.name, recipe.network.params, context)
+        network_params = recipe.network_params(self.schedule_name)
+        net = build_network(recipe.network.name, network_params, context)
         encoder_prefixes = get_entry(recipe.network.name).encoder_prefixes
         if recipe.transfer.freeze_encoder_epochs and not encoder_prefixes:
             raise ValueError(f"network {recipe.network.name} does not declare its encoder, so transfer.freeze_encoder_epochs cannot be used")
@@ -280,7 +307,7 @@ class MonaiTrainable:
             append_log(run_dir, f"resumed from {checkpoint_path} at epoch {state.epoch}")
         model = torch.compile(net) if use_compile else net
 
-        from bench.models.inference import MirroredSoftmax, dice, sliding_window_probabilities
+        from bench.models.inference import MirroredSoftmax
 
         validator = MirroredSoftmax(net)  # no TTA during training: cheaper, and consistent across epochs
         encoder_params = [p for name, p in net.named_parameters() if encoder_prefixes and name.startswith(encoder_prefixes)]
@@ -324,13 +351,7 @@ class MonaiTrainable:
             val_dice = float("nan")
             last = epoch == schedule.epochs - 1
             if val and ((epoch + 1) % recipe.validation.every == 0 or last):
-                scores = []
-                for item in val:
-                    probabilities = sliding_window_probabilities(
-                        validator, item.image, schedule.patch_size, recipe.inference, device, amp=amp, channels_last=channels_last
-                    )
-                    scores.append(dice(probabilities > recipe.inference.threshold, item.label))
-                val_dice = float(np.mean(scores))
+                val_dice = validation_dice(validator, val, schedule.patch_size, inference, device, amp=amp, channels_last=channels_last)
                 if val_dice > state.best_dice + recipe.validation.min_delta:
                     state.best_dice, state.best_epoch, state.stale_validations = val_dice, epoch, 0
                     state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
@@ -373,14 +394,14 @@ class MonaiTrainable:
         final_state = state.best_state if use_best else {k: v.detach().cpu() for k, v in net.state_dict().items()}
         bundle = ModelBundle(
             network_name=recipe.network.name,
-            network_params=dict(recipe.network.params),
+            network_params=network_params,
             in_channels=in_channels,
             out_channels=OUT_CHANNELS,
             patch_size=tuple(schedule.patch_size),  # type: ignore[arg-type]
             spacing=spacing,  # type: ignore[arg-type]
             channel_names=tuple(train[0].channel_names),
             state_dict=final_state,  # type: ignore[arg-type]
-            inference=recipe.inference,
+            inference=inference,
             preprocessing=self.preprocessing.model_dump(mode="json"),
             info={
                 "schedule": self.schedule_name,
@@ -397,41 +418,3 @@ class MonaiTrainable:
         write_curves(run_dir, state.history)
         checkpoint_path.unlink(missing_ok=True)
         append_log(run_dir, f"finished: {run_dir / MODEL_FILE} (epoch {bundle.info['selected_epoch']})")
-
-
-def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """``history.csv``: one row per epoch (written atomically)."""
-    import pandas as pd
-
-    from bench.imageio import write_text_atomic
-
-    write_text_atomic(run_dir / HISTORY_FILE, pd.DataFrame(history).to_csv(index=False))
-
-
-def write_curves(run_dir: Path, history: list[dict[str, Any]]) -> Path | None:
-    """``curves.png``: training loss and validation Dice per epoch (skipped when matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is a dependency, but curves are optional
-        return None
-    epochs = [row["epoch"] for row in history]
-    fig, loss_axis = plt.subplots(figsize=(7, 4))
-    loss_axis.plot(epochs, [row["train_loss"] for row in history], color="tab:blue", label="training loss")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("training loss", color="tab:blue")
-    dice_axis = loss_axis.twinx()
-    validated = [(row["epoch"], row["val_dice"]) for row in history if not math.isnan(row["val_dice"])]
-    if validated:
-        dice_axis.plot(*zip(*validated), "o-", color="tab:orange", label="validation Dice")
-    dice_axis.set_ylabel("validation Dice", color="tab:orange")
-    dice_axis.set_ylim(0, 1)
-    fig.tight_layout()
-    path = run_dir / CURVES_FILE
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

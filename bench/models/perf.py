@@ -1,0 +1,174 @@
+"""``bench perf models``: training throughput and inference time of every entrant on this machine.
+
+For each trainable submission the benchmark trains two short epochs of ``iterations`` batches on a few
+cases (the schedule the machine would use, ``cpu`` or ``gpu``, with only the epoch and iteration counts
+overridden), reads the training throughput of the second, warmed-up epoch from the run's
+``history.csv``, then times whole-volume inference of one held-out case with the returned predictor
+(sliding windows and flip TTA for the MONAI entrants; ``nnUNetPredictor`` with mirroring for the
+nnU-Net baseline, on the same case). The median of ``repeats`` timed predictions after one warm-up
+prediction is reported, and every entrant's time is also given relative to nnU-Net's predictor.
+
+Numbers depend on the machine (and, on shared CPUs, on its load); the table says which device ran.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Sequence
+
+import typer
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: The entrants shipped in ``submissions/``, the nnU-Net baseline first.
+DEFAULT_ENTRANTS: tuple[str, ...] = ("nnunet-baseline", "unet-monai", "attention-unet", "aniso-unet")
+NNUNET_ENTRANT = "nnunet-baseline"
+
+
+def run_models_benchmark(
+    submissions: Sequence[str | Path] | None = None,
+    *,
+    dataset: str | Path | None = None,
+    size: str = "small",
+    train_cases: int = 4,
+    iterations: int = 5,
+    repeats: int = 2,
+    schedule: str = "auto",
+    device: str | None = None,
+    work_dir: str | Path | None = None,
+    schedule_overrides: dict[str, Any] | None = None,
+) -> "pd.DataFrame":
+    """Measure each entrant; one row per submission.
+
+    Args:
+        submissions: submission folders (default: :data:`DEFAULT_ENTRANTS` under ``./submissions``).
+        dataset: dataset folder; default a synthetic dataset of ``train_cases + 1`` cases of ``size``
+            generated in the work folder.
+        size: synthetic size preset when no dataset is given (``tiny``, ``small``, ``full``).
+        train_cases: cases trained on; the next case of the dataset is predicted.
+        iterations: training iterations per epoch (two epochs; the second is timed).
+        repeats: timed predictions of the held-out case (after one untimed warm-up prediction).
+        schedule: ``auto``, ``cpu`` or ``gpu``: which recipe schedule sets patch and batch size.
+        device: force a torch device; default CUDA when present.
+        work_dir: where run folders (and the synthetic dataset) go; default a temporary folder.
+        schedule_overrides: further schedule fields to replace in every recipe (e.g. ``patch_size``
+            for MONAI entrants); fields a trainer does not know are skipped for it.
+
+    Returns:
+        Columns ``entrant, trainer, network, device, patch_size, batch_size, train_patches_per_s,
+        infer_s_per_case, infer_vs_nnunet, case_shape``.
+    """
+    import pandas as pd
+
+    from bench.data.dataset import Dataset
+    from bench.models import build_trainable
+    from bench.models.recipe import MonaiSchedule, NnUNetSchedule, override_schedule, parse_recipe, resolve_schedule_name
+    from bench.models.runfolder import HISTORY_FILE, select_device
+    from bench.submissions import load_submission
+
+    paths = [Path(p) for p in (submissions or [Path("submissions") / name for name in DEFAULT_ENTRANTS])]
+    schedule_name = resolve_schedule_name(schedule)
+    torch_device = select_device(device)
+    with tempfile.TemporaryDirectory(prefix="hiebench-perf-models-") as tmp:
+        root = Path(work_dir) if work_dir is not None else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        if dataset is None:
+            from bench.data.synth import generate_synthetic_dataset
+
+            data = generate_synthetic_dataset(root / f"perf-{size}", cases=train_cases + 1, sites=2, seed=0, size=size, workers=1, overwrite=True)
+        else:
+            data = Dataset.load(dataset)
+        if len(data) < train_cases + 1:
+            raise ValueError(f"dataset {data.root} has {len(data)} cases; the benchmark needs {train_cases + 1} (train_cases + 1)")
+        train, held_out = list(data.cases[:train_cases]), data.cases[train_cases]
+        rows = []
+        for path in paths:
+            submission = load_submission(path)
+            if submission.kind != "trainable":
+                raise ValueError(f"{path}: kind '{submission.kind}' is not trainable; bench perf models measures trainable entrants")
+            recipe = dict(submission.manifest.recipe)
+            parse_recipe(recipe, source=str(submission.path / "submission.yaml"))  # a clear error before any work
+            overrides = {"epochs": 2, "iterations_per_epoch": iterations}
+            if recipe["trainer"] == "nnunet":
+                overrides["val_iterations_per_epoch"] = 1
+            known = (MonaiSchedule if recipe["trainer"] == "monai" else NnUNetSchedule).model_fields
+            overrides |= {k: v for k, v in (schedule_overrides or {}).items() if k in known}
+            brief = override_schedule(recipe, schedule_name, **overrides)
+            trainable = build_trainable(
+                brief, submission_dir=submission.path, preprocessing=submission.preprocessing, schedule=schedule_name, device=device
+            )
+            run_dir = root / "runs" / submission.name
+            predictor = trainable.fit(train, [], run_dir)
+            history = pd.read_csv(run_dir / HISTORY_FILE)
+            predictor.predict(held_out)  # warm-up: lazy initialisation, caches, cuDNN autotuning
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                predictor.predict(held_out)
+                times.append(time.perf_counter() - start)
+            spec = brief["schedules"][schedule_name]
+            network = brief["network"]["name"] if brief["trainer"] == "monai" else "nnU-Net PlainConvUNet (planned)"
+            rows.append(
+                {
+                    "entrant": submission.name,
+                    "trainer": brief["trainer"],
+                    "network": network,
+                    "device": str(torch_device),
+                    "patch_size": "x".join(str(s) for s in spec["patch_size"]) if spec.get("patch_size") else "planned",
+                    "batch_size": spec.get("batch_size"),
+                    "train_patches_per_s": float(history["patches_per_s"].iloc[-1]),
+                    "infer_s_per_case": statistics.median(times),
+                    "case_shape": "x".join(str(s) for s in held_out.geometry.shape),
+                }
+            )
+    frame = pd.DataFrame(rows)
+    reference = frame.loc[frame["entrant"] == NNUNET_ENTRANT, "infer_s_per_case"]
+    frame["infer_vs_nnunet"] = frame["infer_s_per_case"] / float(reference.iloc[0]) if len(reference) else float("nan")
+    return frame
+
+
+def models_command(
+    submissions: Annotated[list[Path] | None, typer.Argument(help="Trainable submission folders (default: the four shipped entrants).")] = None,
+    dataset: Annotated[Path | None, typer.Option(help="Dataset folder; default: a synthetic dataset generated for the run.")] = None,
+    size: Annotated[str, typer.Option(help="Synthetic size preset when no dataset is given: tiny, small or full.")] = "small",
+    train_cases: Annotated[int, typer.Option(min=1, help="Cases to train on (the next case is predicted).")] = 4,
+    iterations: Annotated[int, typer.Option(min=1, help="Training iterations per epoch (2 epochs, the 2nd is timed).")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed whole-volume predictions (median kept).")] = 2,
+    schedule: Annotated[str, typer.Option(help="Recipe schedule: auto (gpu when CUDA is present), cpu or gpu.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="Torch device (cpu, cuda); default CUDA when present.")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Keep run folders here instead of a temporary folder.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the table as CSV.")] = None,
+) -> None:
+    """Training patches/s and inference s/case of each entrant, next to nnU-Net's own predictor."""
+    from bench.perf import print_frame
+
+    frame = run_models_benchmark(
+        submissions,
+        dataset=dataset,
+        size=size,
+        train_cases=train_cases,
+        iterations=iterations,
+        repeats=repeats,
+        schedule=schedule,
+        device=device,
+        work_dir=work_dir,
+    )
+    columns = {
+        "entrant": "entrant",
+        "network": "network",
+        "device": "device",
+        "patch_size": "patch (z×y×x)",
+        "batch_size": "batch",
+        "train_patches_per_s": "train patches/s",
+        "infer_s_per_case": "inference s/case",
+        "infer_vs_nnunet": "× nnU-Net",
+        "case_shape": "case (z×y×x)",
+    }
+    print_frame(frame, "Entrants: training throughput and whole-volume inference", columns, caption="Second of two short epochs; median of timed predictions after a warm-up.")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(output, index=False)
