@@ -14,9 +14,9 @@ folder is removed, or, after a hard kill, left behind with a ``.tmp-`` name that
 with its grid (array bytes, dtype, shape, spacing, origin, direction), the channel names and the stored
 folds. It is computed once, when the dataset is written, from the arrays in memory and the headers as
 written, and stored in ``dataset.json`` (``hie_bench.version``) and in the ``version`` column of
-``cases.csv``. It does not depend on gzip settings or file timestamps, so a dataset regenerated with the
-same seed on another machine has the same version; :meth:`~bench.data.dataset.Dataset.compute_version`
-recomputes it from the files to verify a copy.
+``cases.csv``. It does not depend on gzip settings, file timestamps or the folder's location, so a copy has the same
+version anywhere; :meth:`~bench.data.dataset.Dataset.compute_version` recomputes it from the files to
+verify one.
 """
 
 from __future__ import annotations

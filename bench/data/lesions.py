@@ -2,8 +2,9 @@
 
 Each pattern draws a *soft* lesion map (float32 in [0, 1], the fraction of a template voxel that is
 lesion) on the template grid, so that lesions follow the anatomy through the same deformation as the
-brain. The native label is that map resampled to the acquisition grid and thresholded at one half, after
-the slice-profile blur: lesions thinner than a slice fade, as they do on real thick-slice DWI.
+brain. The native label is that map, blurred by the slice profile and resampled to the acquisition
+grid, thresholded at the site's annotation threshold (one half by default): lesions thinner than a
+slice fade, as they do on real thick-slice DWI.
 
 Patterns (the ``pattern`` column of ``cases.csv``):
 

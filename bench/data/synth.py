@@ -268,12 +268,13 @@ def smooth_random_field(
     for n, spacing in zip(shape, control_spacing_vox):
         n_control = int(np.ceil((n - 1) / max(float(spacing), 1e-6))) + 4
         weights = _bspline_weights(int(n), n_control)
-        matrices.append((weights / np.sqrt((weights**2).sum(axis=1, keepdims=True))).astype(np.float32))
+        matrices.append(weights / np.sqrt((weights**2).sum(axis=1, keepdims=True)))
     wz, wy, wx = matrices
-    control = rng.standard_normal((n_fields, wz.shape[1], wy.shape[1], wx.shape[1])).astype(np.float32)
-    # One axis at a time, with plain matrix products: x, then y, then z.
+    control = rng.standard_normal((n_fields, wz.shape[1], wy.shape[1], wx.shape[1]))
+    # One axis at a time, with plain matrix products: x, then y, then z. Double precision, so that
+    # differences between BLAS kernels vanish when the result is rounded to float32.
     fields = np.matmul(np.matmul(wy, control @ wx.T).reshape(n_fields, wz.shape[1], -1).transpose(0, 2, 1), wz.T)
-    return np.ascontiguousarray(fields.transpose(0, 2, 1)).reshape(n_fields, *(int(n) for n in shape))
+    return np.ascontiguousarray(fields.transpose(0, 2, 1), dtype=np.float32).reshape(n_fields, *(int(n) for n in shape))
 
 
 class TrilinearSampler:
@@ -400,14 +401,15 @@ class NormativeAtlas:
 
 @dataclass(frozen=True)
 class _Anatomy:
-    """Per-brain sampled anatomy: scale to neonate, head pose and random deformation amplitudes."""
+    """One baby's size and pose: template-to-neonate scale, per-axis shape factors, head rotation."""
 
     neonatal_scale: float
     axis_scale: np.ndarray
     rotation: np.ndarray
 
 
-def _residual_displacement(rng: np.random.Generator, shape: Sequence[int], spacing_vox: Sequence[float], amplitude_vox: float) -> np.ndarray:
+def _random_displacement(rng: np.random.Generator, shape: Sequence[int], spacing_vox: Sequence[float], amplitude_vox: float) -> np.ndarray:
+    """A smooth random displacement field ``(3, *shape)`` with ``amplitude_vox`` standard deviation per axis."""
     return smooth_random_field(rng, shape, spacing_vox, n_fields=3) * amplitude_vox
 
 
@@ -432,7 +434,7 @@ def _atlas_subject(resolution_mm: int, n_subjects: int, subject: int) -> np.ndar
     adc = tissue_adc_map(template, TissueADC.sample(rng, spread=ATLAS_SPREAD), rng)
     adc = ndimage.gaussian_filter(adc, _slice_profile_sigma(template, NOMINAL_NEONATAL_SCALE, (2.5, 1.6, 1.6)))
     amplitude = ATLAS_SPREAD * RESIDUAL_AMPLITUDE_MM * to_vox
-    warp = _residual_displacement(rng, template.shape, (RESIDUAL_SPACING_MM * to_vox,) * 3, amplitude)
+    warp = _random_displacement(rng, template.shape, (RESIDUAL_SPACING_MM * to_vox,) * 3, amplitude)
     warp += np.indices(template.shape, dtype=np.float32)
     # Only the brain and its surroundings matter (the atlas is used inside subjects' brains).
     support = np.flatnonzero(ndimage.binary_dilation(template.brain > 0.01, iterations=3))
@@ -621,8 +623,8 @@ def synthesize_case(spec: CaseSpec) -> SyntheticCase:
             matrix[i, 0] * axes[0][:, None, None] + matrix[i, 1] * axes[1][None, :, None] + matrix[i, 2] * axes[2][None, None, :] + offset[i]
         )
     to_vox = 1.0 / (anatomy.neonatal_scale * template.resolution_mm)
-    coords += _residual_displacement(rng, acquired_shape, SHAPE_SPACING_MM / acquired_spacing, SHAPE_AMPLITUDE_MM * to_vox)
-    subject_coords = coords + _residual_displacement(rng, acquired_shape, RESIDUAL_SPACING_MM / acquired_spacing, RESIDUAL_AMPLITUDE_MM * to_vox)
+    coords += _random_displacement(rng, acquired_shape, SHAPE_SPACING_MM / acquired_spacing, SHAPE_AMPLITUDE_MM * to_vox)
+    subject_coords = coords + _random_displacement(rng, acquired_shape, RESIDUAL_SPACING_MM / acquired_spacing, RESIDUAL_AMPLITUDE_MM * to_vox)
     (brain_p,) = TrilinearSampler(subject_coords, template.shape).sample(template.brain)
     # Everything else is only needed on and next to the brain (a fifth of the box): sample it there.
     support = np.flatnonzero(ndimage.maximum_filter(brain_p, size=3) > 0.01)
