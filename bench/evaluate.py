@@ -159,24 +159,16 @@ def summarize(table) -> "pandas.DataFrame":  # noqa: F821
 
 def write_table(table, out: Path) -> Path:
     """Write a table as CSV or Parquet (by suffix), atomically."""
-    import os
-    import tempfile
+    from bench.imageio import atomic_output
 
     out = Path(out)
     if out.suffix not in (".csv", ".parquet"):
         raise ValueError(f"{out}: use a .csv or .parquet file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_output(out) as tmp:
         if out.suffix == ".csv":
             table.to_csv(tmp, index=False)
         else:
             table.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -163,29 +165,36 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, *, comp
     suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), None)
     if suffix is None:
         raise ImageError(f"{path}: unsupported image suffix (use one of {', '.join(IMAGE_SUFFIXES)})")
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(to_sitk(array, geometry), tmp_name, compress)
-        os.chmod(tmp_name, _umask_mode())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp_name:
+        sitk.WriteImage(to_sitk(array, geometry), str(tmp_name), compress)
     return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a text file atomically (temp file in the same folder, then rename)."""
+    with atomic_output(path) as tmp_name:
+        tmp_name.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
+
+    Readers never see a half-written file: they see the old file or the complete new one. The temporary
+    file keeps the suffix of ``path`` (writers such as SimpleITK and pandas choose the format by it) and
+    gets the permissions a plain ``open()`` would give. On any error it is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp_name, _umask_mode())
-        os.replace(tmp_name, path)
+        yield tmp
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path

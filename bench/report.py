@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 import math
-import os
 import tempfile
 import time
 from enum import Enum
@@ -556,18 +555,13 @@ def export_results(
     for column in frame.columns:
         if frame[column].dtype == object and frame[column].map(lambda v: isinstance(v, (dict, list))).any():
             frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    try:
+    from bench.imageio import atomic_output
+
+    with atomic_output(out) as temporary:
         if format == "csv":
             frame.to_csv(temporary, index=False)
         else:
             frame.to_parquet(temporary, index=False)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return out
 
 
