@@ -121,6 +121,16 @@ def test_a_crashing_model_fails_its_cases_and_the_benchmark_goes_on(dataset_dir:
     assert (frame[frame["status"] == "ok"]["site"] != "SiteA").all()
 
 
+def test_a_relative_dataset_path_reaches_the_submission_process(dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The python kind predicts in a worker process with its own working directory (regression: the
+    # demo passed datasets/... and every case failed with "file not found").
+    monkeypatch.chdir(dataset_dir.parent)
+    db_url = f"sqlite:///{tmp_path / 'bench.db'}"
+    spec = RunSpec(submission=ZADC, dataset=Path(dataset_dir.name), protocol="loso", results_dir=tmp_path, db_url=db_url)
+    run_benchmark([spec])
+    assert {status for *_, status in _case_rows(db_url)} == {"ok"}
+
+
 def test_run_identity_changes_with_whatever_changes_the_numbers() -> None:
     base = dict(submission_hash="s", dataset_version="d", preprocessing_id="p", protocol="kfold", folds=5, seed=0, convention="bench")
     assert run_id(**base) == run_id(**base)

@@ -122,7 +122,9 @@ class Dataset:
         """
         import pandas as pd
 
-        root = Path(root)
+        # Absolute paths: cases travel to worker processes (submission runners, executors) that run in
+        # other working directories, where a relative path would name nothing.
+        root = Path(root).resolve()
         dataset_json = root / layout.DATASET_JSON
         cases_csv = root / layout.CASES_CSV
         for required in (dataset_json, cases_csv):
