@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from bench import __version__
+from bench.app.perf import app_command as app_perf_command
 from bench.data.cli import app as data_app
 from bench.demo import demo_command
 from bench.evaluate import evaluate_command
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data", help="Create, import and inspect datasets.")
 perf_app.command("models")(models_command)
+perf_app.command("app")(app_perf_command)
 app.add_typer(perf_app, name="perf", help="Speed benchmarks against the reference libraries.")
 app.add_typer(submission_app, name="submission", help="Verify, scaffold and add model submissions.")
 app.command("evaluate")(evaluate_command)

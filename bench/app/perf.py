@@ -16,7 +16,7 @@ the :class:`~bench.store.Store` API (``n_submissions`` runs over ``n_rows / n_su
 ``page_warm_s``
     The same page again: what every later view costs (cached queries).
 
-Run it with ``python -m bench.app.perf [n_rows]``.
+Run it with ``bench perf app [--rows N]`` (or ``python -m bench.app.perf [n_rows]``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import typer
 
 from bench.report import DEFAULT_METRICS
 
@@ -146,8 +147,20 @@ def _time_page(url: str, repeats: int) -> dict[str, float]:
     return {"page_cold_s": cold, "page_warm_s": warm}
 
 
-if __name__ == "__main__":  # pragma: no cover
-    result = time_leaderboard_page(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000)
+def print_timings(result: dict[str, float]) -> None:
+    """Print the timings of :func:`time_leaderboard_page`, one per line."""
     width = max(map(len, result))
     for key, value in result.items():
-        print(f"{key:<{width}}  {value:,.0f}" if key == "rows" else f"{key:<{width}}  {value:.3f}")
+        print(f"{key:<{width}}  {value:,.0f}" if key == "rows" else f"{key:<{width}}  {value:.3f} s")
+
+
+def app_command(
+    rows: int = typer.Option(100_000, "--rows", min=100, help="Per-case rows in the temporary database."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Each timing is the best of this many."),
+) -> None:
+    """Server time of the app's leaderboard page on a database with many per-case rows (cold and cached)."""
+    print_timings(time_leaderboard_page(rows, repeats=repeats))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print_timings(time_leaderboard_page(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000))
