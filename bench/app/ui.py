@@ -152,30 +152,30 @@ def scopes(url: str, version: str) -> pd.DataFrame:
 
 
 @st.cache_resource(max_entries=12, show_spinner="Reading results…")
-def case_frame(url: str, version: str, scope: tuple[str, str | None, str], metrics: tuple[str, ...], run_choice: str) -> pd.DataFrame:
+def case_frame(url: str, version: str, scope: tuple[str, str | None, str], metrics: tuple[str, ...], run_choice: str, details: bool = True) -> pd.DataFrame:
     """Per-case rows of ``scope`` = (dataset version, protocol or ``None`` for both, convention).
 
     A shared resource, not a copy per call (100,000 rows would cost a pickle round trip on every
     use): callers must not modify it (every function of :mod:`bench.app.queries` returns new frames).
     """
     dataset_version, protocol, convention = scope
-    return queries.case_frame(get_store(url), dataset_version, protocol, convention, metrics, run_choice=run_choice)  # type: ignore[arg-type]
+    return queries.case_frame(get_store(url), dataset_version, protocol, convention, metrics, run_choice=run_choice, details=details)  # type: ignore[arg-type]
 
 
 @st.cache_data(max_entries=64, show_spinner="Bootstrapping confidence intervals…")
 def leaderboard(url: str, version: str, scope: tuple[str, str, str], metrics: tuple[str, ...], run_choice: str, site: str | None, n_boot: int = N_BOOT) -> pd.DataFrame:
-    frame = case_frame(url, version, scope, metrics, run_choice)
+    frame = case_frame(url, version, scope, metrics, run_choice, details=False)
     return queries.leaderboard(frame, metrics, site=site, n_boot=n_boot)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def site_summary(url: str, version: str, scope: tuple[str, str, str], metric: str, run_choice: str, n_boot: int = N_BOOT) -> pd.DataFrame:
-    return queries.site_summary(case_frame(url, version, scope, (metric,), run_choice), metric, n_boot=n_boot)
+    return queries.site_summary(case_frame(url, version, scope, (metric,), run_choice, details=False), metric, n_boot=n_boot)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def rank_distribution(url: str, version: str, scope: tuple[str, str, str], metric: str, run_choice: str, site: str | None, n_boot: int = N_BOOT) -> pd.DataFrame:
-    frame = case_frame(url, version, scope, (metric,), run_choice)
+    frame = case_frame(url, version, scope, (metric,), run_choice, details=False)
     if site is not None:
         frame = frame[frame["site"].astype(str) == site]
     return queries.rank_distribution(frame, metric, n_boot=n_boot)

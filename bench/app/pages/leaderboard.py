@@ -42,7 +42,7 @@ with right:
 frame_metrics = tuple(dict.fromkeys([metric, *extra]))
 site: str | None = None
 if view == "Per site":
-    sites = sorted(ui.case_frame(ctx.url, ctx.version, scope, frame_metrics, runs)["site"].astype(str).unique())
+    sites = sorted(ui.case_frame(ctx.url, ctx.version, scope, frame_metrics, runs, details=False)["site"].astype(str).unique())
     site = st.selectbox("Site", sites, key="board_site", help="Statistics over the cases of this site only (bootstrap within it).")
 
 board = ui.leaderboard(ctx.url, ctx.version, scope, frame_metrics, runs, site)
