@@ -42,6 +42,8 @@ def run_demo(
 
     console = Console()
     started = time.perf_counter()
+    if not submissions_root.is_dir():  # run from elsewhere than the repository root: use the shipped ones
+        submissions_root = Path(__file__).resolve().parents[1] / "submissions"
     results.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{(results / 'bench.db').as_posix()}"
 
@@ -49,6 +51,8 @@ def run_demo(
     if (data / "dataset.json").is_file():
         dataset = Dataset.load(data)
         console.print(f"reusing {data} ({len(dataset)} cases, sites {', '.join(dataset.sites)})")
+        if len(dataset) != cases:
+            console.print(f"[yellow]note:[/yellow] it has {len(dataset)} cases, not the {cases} asked for; delete {data} to generate it anew")
     else:
         t0 = time.perf_counter()
         dataset = generate_synthetic_dataset(data, cases=cases, sites=sites, seed=0, size=size, folds=folds)

@@ -61,6 +61,8 @@ def match_folders(pred_dir: Path, ref_dir: Path) -> tuple[list[CasePair], list[s
 
 def score_pair(pair: CasePair, convention: str = "bench", nsd_tolerance_mm: float = 2.0) -> dict:
     """Score one pair; never raises for bad data: problems become a failed row with the reason."""
+    import numpy as np
+
     from bench.metrics import compute_metrics
 
     row: dict = {"case_id": pair.case_id, "status": "ok", "error": "", "convention": convention}
@@ -73,9 +75,9 @@ def score_pair(pair: CasePair, convention: str = "bench", nsd_tolerance_mm: floa
         if differences:
             raise ValueError(f"prediction {pair.prediction.name} does not lie on the reference grid: {'; '.join(differences)}")
         for name, array, path in (("reference", ref, pair.reference), ("prediction", pred, pair.prediction)):
-            values = set(map(int, _unique(array)))
-            if not values <= {0, 1}:
-                raise ValueError(f"{name} {path.name} has label values {sorted(values)[:8]}, expected 0 and 1 only")
+            values = _unique(array)
+            if not np.isin(values, (0, 1)).all():  # exact: 0.3 or 0.5 (soft masks) are not labels
+                raise ValueError(f"{name} {path.name} has label values {values[:8].tolist()}, expected 0 and 1 only")
         metrics = compute_metrics(pred.astype(bool), ref.astype(bool), ref_geometry.spacing, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm)
         row |= {"spacing": "x".join(f"{s:g}" for s in ref_geometry.spacing)} | metrics
     except (ImageError, ValueError) as exc:
@@ -88,9 +90,7 @@ def _unique(array):
 
     if array.dtype == bool:
         return np.unique(array.view(np.uint8))
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-        return np.array([-1])  # NaN / inf: reported as an invalid label value
-    return np.unique(array)
+    return np.unique(array)  # NaN and inf are unique values too, and fail the 0/1 check
 
 
 def evaluate_pairs(pairs: Iterable[CasePair], *, convention: str = "bench", nsd_tolerance_mm: float = 2.0, workers: int = 1) -> Iterator[dict]:
@@ -104,15 +104,28 @@ def evaluate_pairs(pairs: Iterable[CasePair], *, convention: str = "bench", nsd_
         yield from pool.map(score_pair, pairs, [convention] * len(pairs), [nsd_tolerance_mm] * len(pairs), chunksize=4)
 
 
-def evaluate_folders(pred_dir: Path, ref_dir: Path, *, convention: str = "bench", nsd_tolerance_mm: float = 2.0, workers: int = 1, progress: bool = False):
-    """Score every reference in ``ref_dir`` against ``pred_dir``; return the per-case table (pandas)."""
+def evaluate_folders(
+    pred_dir: Path,
+    ref_dir: Path,
+    *,
+    convention: str = "bench",
+    nsd_tolerance_mm: float = 2.0,
+    workers: int = 1,
+    progress: bool = False,
+    pairs: list[CasePair] | None = None,
+):
+    """Score every reference in ``ref_dir`` against ``pred_dir``; return the per-case table (pandas).
+
+    ``pairs`` (from :func:`match_folders`) saves indexing the folders again when the caller has them.
+    """
     import pandas as pd
 
     from bench.metrics import CONVENTIONS
 
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
-    pairs, _ = match_folders(Path(pred_dir), Path(ref_dir))
+    if pairs is None:
+        pairs, _ = match_folders(Path(pred_dir), Path(ref_dir))
     rows = evaluate_pairs(pairs, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm, workers=workers)
     if progress:
         from rich.progress import track
@@ -122,36 +135,42 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, *, convention: str = "bench"
 
 
 def summarize(table) -> "pandas.DataFrame":  # noqa: F821
-    """Mean, median and sd per metric over the successfully scored cases.
+    """Mean, median and sd per metric over all cases, as the leaderboard counts them.
 
-    Infinite distances (exactly one mask empty) are capped at each metric's documented ``inf_cap``
-    before averaging, and the number of capped cases is reported beside the statistics.
+    A failed or missing case counts as the metric's worst value (:func:`bench.stats.worst_value`), so
+    the summary never looks better than the submission is; metrics without a finite worst value (volume
+    differences, lesion counts) leave those cases out. Infinite distances (exactly one mask empty) are
+    capped at each metric's documented ``inf_cap``. Both counts are reported beside the statistics.
     """
     import numpy as np
     import pandas as pd
 
     from bench.metrics import METRICS
+    from bench.stats import worst_value
 
-    scored = table[table["status"] == "ok"] if "status" in table else table
+    ok = (table["status"] == "ok").to_numpy() if "status" in table else np.ones(len(table), bool)
     records = []
     for key, info in METRICS.items():
-        if key not in scored:
+        if key not in table:
             continue
-        values = pd.to_numeric(scored[key], errors="coerce").to_numpy(dtype=float)
-        n_inf = int(np.isinf(values).sum())
+        values = pd.to_numeric(table[key], errors="coerce").to_numpy(dtype=float)
+        n_inf = int(np.isinf(values[ok]).sum())
         if info.inf_cap is not None:
             values = np.where(np.isinf(values), info.inf_cap, values)
+        worst = worst_value(key)
+        values = np.where(ok, values, worst)
         values = values[np.isfinite(values)]
         records.append(
             {
                 "metric": key,
                 "unit": info.unit,
-                "better": "higher" if info.higher_is_better else "lower",
+                "better": {True: "higher", False: "lower", None: "-"}[info.higher_is_better],
                 "n": values.size,
                 "mean": float(values.mean()) if values.size else math.nan,
                 "median": float(np.median(values)) if values.size else math.nan,
                 "sd": float(values.std(ddof=1)) if values.size > 1 else math.nan,
                 "n_inf_capped": n_inf,
+                "n_failed_as_worst": int((~ok).sum()) if np.isfinite(worst) else 0,
             }
         )
     return pd.DataFrame.from_records(records)
@@ -191,7 +210,7 @@ def evaluate_command(
     console = Console()
     try:
         pairs, unmatched = match_folders(pred_dir, ref_dir)
-        table = evaluate_folders(pred_dir, ref_dir, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm, workers=workers, progress=True)
+        table = evaluate_folders(pred_dir, ref_dir, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm, workers=workers, progress=True, pairs=pairs)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -202,10 +221,10 @@ def evaluate_command(
         console.print(f"[red]{row.case_id}[/red] {row.status}: {row.error}")
     summary = summarize(table)
     view = Table(title=f"{len(table) - len(failed)} of {len(table)} cases scored · convention {convention}")
-    for column in ("metric", "unit", "better", "mean", "median", "sd", "n_inf_capped"):
+    for column in ("metric", "unit", "better", "mean", "median", "sd", "n_inf_capped", "n_failed_as_worst"):
         view.add_column(column, justify="left" if column in ("metric", "unit", "better") else "right")
     for rec in summary.itertuples():
-        view.add_row(rec.metric, rec.unit, rec.better, f"{rec.mean:.4g}", f"{rec.median:.4g}", f"{rec.sd:.4g}", str(rec.n_inf_capped))
+        view.add_row(rec.metric, rec.unit, rec.better, f"{rec.mean:.4g}", f"{rec.median:.4g}", f"{rec.sd:.4g}", str(rec.n_inf_capped), str(rec.n_failed_as_worst))
     console.print(view)
     if out is not None:
         write_table(table, out)

@@ -57,9 +57,25 @@ class RunSpec(BaseModel):
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
 
 
-def run_id(*, submission_hash: str, dataset_version: str, preprocessing_id: str, protocol: str, folds: int, seed: int, convention: str, code_version: str = CODE_VERSION) -> str:
-    """Identity of a run: 16 hex digits of SHA-256 over the fields that change its numbers."""
+def run_id(
+    *,
+    submission_hash: str,
+    dataset_version: str,
+    preprocessing_id: str,
+    protocol: str,
+    folds: int,
+    seed: int,
+    convention: str,
+    code_version: str = CODE_VERSION,
+    training: dict | None = None,
+) -> str:
+    """Identity of a run: 16 hex digits of SHA-256 over the fields that change its numbers.
+
+    ``training`` holds what changes a trained model (resolved schedule, validation fraction, seed); it
+    is ``None`` for submissions that do not train, whose numbers do not depend on it.
+    """
     fields = {
+        "training": training,
         "submission": submission_hash,
         "dataset": dataset_version,
         "preprocessing": preprocessing_id,
@@ -112,8 +128,12 @@ class FoldUnit:
         scored = failed = 0
         try:
             for case_id in todo:
-                row, lesions = score_case(predictor, dataset.case(case_id), self._prediction_path(case_id), self.spec.convention)
-                row |= {"run_id": self.run_id, "fold": self.fold.name}
+                case = dataset.case(case_id)
+                try:
+                    row, lesions = score_case(predictor, case, self._prediction_path(case_id), self.spec.convention)
+                    row |= {"run_id": self.run_id, "fold": self.fold.name}
+                except Exception as exc:  # unreadable reference, full disk, ...: this case fails, the run goes on
+                    row, lesions = self._failed_row(case, f"scoring failed: {type(exc).__name__}: {exc}"), ()
                 store.record_case_result(row, lesions)
                 scored += row["status"] == "ok"
                 failed += row["status"] != "ok"
@@ -212,7 +232,11 @@ class Executor(Protocol):
 
 
 def _execute(unit: FoldUnit) -> UnitResult:
-    return unit.execute()
+    """Run one unit; an unexpected error becomes the unit's result instead of stopping the others."""
+    try:
+        return unit.execute()
+    except Exception:
+        return UnitResult(unit.run_id, unit.fold.name, error=traceback.format_exc(limit=5))
 
 
 @dataclass
@@ -226,7 +250,7 @@ class LocalExecutor:
         results: list[UnitResult] = []
         if self.workers <= 1:
             for unit in units:
-                results.append(unit.execute())
+                results.append(_execute(unit))
                 if on_result:
                     on_result(results[-1])
             return results
@@ -256,7 +280,13 @@ def plan_run(spec: RunSpec) -> PlannedRun:
     dataset = Dataset.load(spec.dataset)
     submission = load_submission(spec.submission)
     preprocessing_id = submission.preprocessing_id
+    training = None
+    if submission.kind == "trainable":
+        # "auto" resolves here, once, so a CPU run and a GPU run of the same recipe are different runs.
+        spec = spec.model_copy(update={"schedule": resolve_schedule(spec.schedule)})
+        training = {"schedule": spec.schedule, "val_fraction": spec.val_fraction, "seed": spec.seed}
     identity = run_id(
+        training=training,
         submission_hash=submission.content_hash,
         dataset_version=dataset.version,
         preprocessing_id=preprocessing_id,
@@ -282,6 +312,13 @@ def plan_run(spec: RunSpec) -> PlannedRun:
         environment=describe_environment(),
     )
     return PlannedRun(identity, submission.name, tuple(FoldUnit(spec, identity, fold) for fold in folds))
+
+
+def resolve_schedule(schedule: str) -> str:
+    """``auto`` -> ``gpu`` when this machine has a CUDA GPU, else ``cpu``; other names unchanged."""
+    if schedule != "auto":
+        return schedule
+    return "gpu" if describe_environment()["device"] == "cuda" else "cpu"
 
 
 def describe_environment() -> dict:
@@ -379,10 +416,17 @@ def run_command(
     if not (dataset_path / "dataset.json").is_file():
         console.print(f"[red]error:[/red] no dataset at {dataset_path} (create one with `bench data synth --out {dataset_path}`)")
         raise typer.Exit(2)
-    for name in protocol:
-        if name not in ("kfold", "loso"):
-            console.print(f"[red]error:[/red] unknown protocol {name!r}: use kfold or loso")
-            raise typer.Exit(2)
+    from bench.metrics import CONVENTIONS
+
+    problems = [f"unknown protocol {name!r}: use kfold or loso" for name in protocol if name not in ("kfold", "loso")]
+    if convention not in CONVENTIONS:
+        problems.append(f"unknown convention {convention!r}: use one of {', '.join(CONVENTIONS)}")
+    if schedule not in ("auto", "cpu", "gpu"):
+        problems.append(f"unknown schedule {schedule!r}: use auto, cpu or gpu")
+    for problem in problems:
+        console.print(f"[red]error:[/red] {problem}")
+    if problems:
+        raise typer.Exit(2)
     specs = [
         RunSpec(submission=path, dataset=dataset_path, protocol=name, folds=folds, seed=seed, convention=convention,
                 schedule=schedule, results_dir=settings.results_dir, db_url=settings.database_url)

@@ -51,8 +51,12 @@ def test_missing_prediction_is_a_failed_row_not_a_skip(folders: tuple[Path, Path
     table = evaluate_folders(preds, refs).set_index("case_id")
     assert table.loc["case_c", "status"] == "missing"
     assert "no prediction for case case_c" in table.loc["case_c", "error"]
+    # The missing case counts as the worst value, as on the leaderboard: the summary never looks better.
     summary = summarize(evaluate_folders(preds, refs)).set_index("metric")
-    assert summary.loc["dice", "n"] == 2
+    assert summary.loc["dice", "n"] == 3 and summary.loc["dice", "n_failed_as_worst"] == 1
+    scored = table[table["status"] == "ok"]["dice"]
+    assert summary.loc["dice", "mean"] == pytest.approx(scored.sum() / 3)
+    assert summary.loc["hd", "mean"] == pytest.approx((table.loc["case_a", "hd"] + table.loc["case_b", "hd"] + 350.0) / 3)
 
 
 def test_geometry_mismatch_names_the_case_and_what_differs(tmp_path: Path) -> None:
@@ -71,6 +75,14 @@ def test_non_binary_prediction_is_rejected(tmp_path: Path) -> None:
     write_image(_blob() * 2, GEOMETRY, preds / "c1.nii.gz")
     row = evaluate_folders(preds, refs).iloc[0]
     assert row["status"] == "failed" and "label values [0, 2]" in row["error"]
+
+
+def test_soft_masks_are_rejected_not_thresholded(tmp_path: Path) -> None:
+    refs, preds = tmp_path / "refs", tmp_path / "preds"
+    write_image(_blob(), GEOMETRY, refs / "c1.nii.gz")
+    write_image(_blob().astype(np.float32) * 0.3, GEOMETRY, preds / "c1.nii.gz")
+    row = evaluate_folders(preds, refs).iloc[0]
+    assert row["status"] == "failed" and "expected 0 and 1 only" in row["error"]
 
 
 def test_parallel_workers_give_the_same_table(folders: tuple[Path, Path]) -> None:

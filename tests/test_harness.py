@@ -136,6 +136,10 @@ def test_run_identity_changes_with_whatever_changes_the_numbers() -> None:
     assert run_id(**base) == run_id(**base)
     for field, value in [("submission_hash", "s2"), ("dataset_version", "d2"), ("convention", "medpy"), ("folds", 3), ("protocol", "loso")]:
         assert run_id(**(base | {field: value})) != run_id(**base)
+    # A trained model depends on its schedule and validation split: CPU and GPU runs are different runs.
+    cpu = run_id(**base, training={"schedule": "cpu", "val_fraction": 0.2, "seed": 0})
+    assert cpu != run_id(**base, training={"schedule": "gpu", "val_fraction": 0.2, "seed": 0})
+    assert cpu != run_id(**base)
     # Leave-one-site-out does not depend on the k-fold parameters.
     loso = base | {"protocol": "loso"}
     assert run_id(**loso) == run_id(**(loso | {"folds": 3, "seed": 7}))
@@ -156,3 +160,21 @@ def test_cli_run_reports_a_missing_dataset(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(ZADC), "--dataset", "nope", "--data-root", str(tmp_path)])
     assert result.exit_code == 2
     assert "no dataset at" in result.output and "bench data synth" in result.output
+
+
+@pytest.mark.parametrize("option, value, message", [("--convention", "hausdorf", "unknown convention"), ("--schedule", "tpu", "unknown schedule"), ("--protocol", "random", "unknown protocol")])
+def test_cli_run_rejects_bad_options_before_any_work(dataset_dir: Path, tmp_path: Path, option: str, value: str, message: str) -> None:
+    result = CliRunner().invoke(app, ["run", str(ZADC), "--dataset", str(dataset_dir), "--results", str(tmp_path), option, value])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "bench.db").exists()
+
+
+def test_an_unexpected_error_in_a_unit_is_its_result_not_the_end_of_the_benchmark(dataset_dir: Path, tmp_path: Path) -> None:
+    from bench.data.splits import Fold
+    from bench.harness import FoldUnit, LocalExecutor
+
+    spec = RunSpec(submission=ZADC, dataset=tmp_path / "no-such-dataset", db_url=f"sqlite:///{tmp_path / 'bench.db'}", results_dir=tmp_path)
+    Store.from_url(spec.db_url).create_all()
+    broken = FoldUnit(spec, "r1", Fold("kfold-0", train=("a",), test=("b",)))
+    results = LocalExecutor(1).map([broken, broken])
+    assert len(results) == 2 and all("no-such-dataset" in r.error for r in results)
