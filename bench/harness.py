@@ -98,6 +98,9 @@ class UnitResult:
     failed: int = 0
     skipped: int = 0
     train_s: float = 0.0
+    #: Wall time of the unit and peak memory of the process that ran it (the unit's own, with workers > 1).
+    wall_s: float = 0.0
+    peak_memory_mb: float = 0.0
     error: str = ""
 
 
@@ -232,11 +235,15 @@ class Executor(Protocol):
 
 
 def _execute(unit: FoldUnit) -> UnitResult:
-    """Run one unit; an unexpected error becomes the unit's result instead of stopping the others."""
+    """Run one unit, timing it; an unexpected error becomes the unit's result instead of stopping the others."""
+    from dataclasses import replace
+
+    started = time.perf_counter()
     try:
-        return unit.execute()
+        result = unit.execute()
     except Exception:
-        return UnitResult(unit.run_id, unit.fold.name, error=traceback.format_exc(limit=5))
+        result = UnitResult(unit.run_id, unit.fold.name, error=traceback.format_exc(limit=5))
+    return replace(result, wall_s=time.perf_counter() - started, peak_memory_mb=peak_memory_mb())
 
 
 @dataclass
@@ -372,9 +379,7 @@ def run_benchmark(specs: Sequence[RunSpec], *, workers: int = 1, on_result: Call
     from bench.store import Store
 
     planned = [plan_run(spec) for spec in specs]
-    started = time.perf_counter()
     results = LocalExecutor(workers).map([unit for run in planned for unit in run.units], on_result)
-    elapsed = time.perf_counter() - started
     by_run: dict[str, list[UnitResult]] = {run.run_id: [] for run in planned}
     for result in results:
         by_run[result.run_id].append(result)
@@ -383,8 +388,8 @@ def run_benchmark(specs: Sequence[RunSpec], *, workers: int = 1, on_result: Call
         Store.from_url(spec.db_url).finish_run(
             run.run_id,
             status="failed" if any(r.error for r in unit_results) else "done",
-            timings={"train_s": sum(r.train_s for r in unit_results), "wall_s": elapsed},
-            peak_memory_mb=peak_memory_mb(),
+            timings={"train_s": sum(r.train_s for r in unit_results), "wall_s": sum(r.wall_s for r in unit_results)},
+            peak_memory_mb=max((r.peak_memory_mb for r in unit_results), default=None),
         )
     return by_run
 

@@ -65,6 +65,10 @@ def test_run_scores_every_held_out_case_once_and_a_rerun_is_a_no_op(dataset_dir:
     assert len(set(rows)) == 16
     loso = next(results for results in first.values() if results[0].fold.startswith("loso"))
     assert sorted(r.fold for r in loso) == ["loso-SiteA", "loso-SiteB", "loso-SiteC", "loso-SiteD"]
+    for run in first:
+        record = Store.from_url(db_url).get_run(run)
+        assert record.status == "done" and record.timings["wall_s"] > 0 and record.peak_memory_mb > 0
+    assert all(r.wall_s > 0 and r.peak_memory_mb > 0 for results in first.values() for r in results)
     second = run_benchmark(specs)
     assert all(r.scored == 0 and r.skipped > 0 for results in second.values() for r in results)
     assert _case_rows(db_url) == rows
