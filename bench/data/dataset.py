@@ -120,8 +120,6 @@ class Dataset:
 
         Only file existence is checked here (opening is cheap); :meth:`verify` reads every file.
         """
-        import pandas as pd
-
         # Absolute paths: cases travel to worker processes (submission runners, executors) that run in
         # other working directories, where a relative path would name nothing.
         root = Path(root).resolve()
@@ -139,16 +137,7 @@ class Dataset:
         except KeyError as exc:
             raise DatasetError(f"{dataset_json}: channel_names keys must be 0..{len(names) - 1}, missing {exc}") from None
         file_ending = str(meta.get("file_ending", layout.FILE_ENDING))
-        try:
-            table = pd.read_csv(cases_csv, dtype={"case_id": str, "site": str})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise DatasetError(f"{cases_csv}: not a readable CSV table ({exc})") from exc
-        missing_columns = {"case_id", "site"} - set(table.columns)
-        if missing_columns:
-            raise DatasetError(f"{cases_csv}: missing columns {sorted(missing_columns)}")
-        duplicated = table["case_id"][table["case_id"].duplicated()].tolist()
-        if duplicated:
-            raise DatasetError(f"{cases_csv}: duplicate case ids {duplicated[:5]}")
+        table = layout.read_case_table(cases_csv, DatasetError)
         cases = []
         for row in table.to_dict(orient="records"):
             case_id = row["case_id"]

@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from bench.data.dataset import Dataset, DatasetError
-from bench.data.layout import CASE_ID_PATTERN, DatasetWriter, write_case
+from bench.data.layout import CASE_ID_PATTERN, DatasetWriter, read_case_table, write_case
 from bench.imageio import Geometry, ImageError, read_image, strip_image_suffix
 
 Progress = Callable[[int, int], None]
@@ -259,15 +259,7 @@ def read_site_table(path: str | Path) -> dict[str, dict[str, object]]:
     import pandas as pd
 
     path = Path(path)
-    try:
-        table = pd.read_csv(path, dtype={"case_id": str, "site": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ImportProblem(f"{path}: not a readable CSV table ({exc})") from exc
-    missing = {"case_id", "site"} - set(table.columns)
-    if missing:
-        raise ImportProblem(f"{path}: missing columns {sorted(missing)} (needs case_id and site)")
-    if table["case_id"].duplicated().any():
-        raise ImportProblem(f"{path}: duplicate case ids {table['case_id'][table['case_id'].duplicated()].tolist()[:5]}")
+    table = read_case_table(path, ImportProblem)
     if table["site"].isna().any():
         raise ImportProblem(f"{path}: empty site for cases {table['case_id'][table['site'].isna()].tolist()[:5]}")
     rows = {}

@@ -65,6 +65,28 @@ def label_path(root: str | Path, case_id: str, file_ending: str = FILE_ENDING) -
     return Path(root) / LABELS_DIR / f"{case_id}{file_ending}"
 
 
+def read_case_table(path: str | Path, error: type[ValueError] = LayoutError) -> "pd.DataFrame":  # noqa: F821
+    """Read a per-case CSV (``cases.csv`` or an importer's site table) and check what every such table needs.
+
+    The table must parse, have ``case_id`` and ``site`` columns (read as strings) and no duplicate case
+    id. Problems raise ``error`` (the caller's exception class) naming the file.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype={"case_id": str, "site": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not a readable CSV table ({exc})") from exc
+    missing = {"case_id", "site"} - set(table.columns)
+    if missing:
+        raise error(f"{path}: missing columns {sorted(missing)} (needs case_id and site)")
+    duplicated = table["case_id"][table["case_id"].duplicated()].tolist()
+    if duplicated:
+        raise error(f"{path}: duplicate case ids {duplicated[:5]}")
+    return table
+
+
 def is_dataset_folder(path: str | Path) -> bool:
     """Whether ``path`` looks like a HIE-Bench dataset (has ``dataset.json`` and ``cases.csv``)."""
     path = Path(path)
