@@ -24,13 +24,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)  ## Create .venv with the pinned stack.
 
-system-deps:  ## Debian packages the browser tests need (chromium), installed with apt-get when missing.
+system-deps:  ## Debian packages: bubblewrap (the prediction sandbox) and chromium (browser tests), via apt-get when missing.
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  echo "installing Debian's bubblewrap for the prediction sandbox"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null; } \
+	  || echo "warning: could not install bubblewrap (not root, or no package mirror): runs need --unsafe-no-sandbox"; }
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing Debian's chromium for the browser tests"; \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; } \
 	  || echo "warning: could not install chromium (not root, or no package mirror): the browser test will be skipped"; }
 
-demo: $(STAMP)  ## Synthetic multi-site dataset, benchmark of the shipped submissions, leaderboard.
+demo: $(STAMP) system-deps  ## Synthetic multi-site dataset, benchmark of the shipped submissions, leaderboard.
 	$(BIN)/bench demo --data $(DEMO_DATA) --results $(DEMO_RESULTS)
 
 test: $(STAMP) system-deps  ## The whole test suite (what CI runs).
