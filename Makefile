@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# constraints.txt keeps torch at the CPU build on disk (see the comments in it).
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# Test-only parity reference for panoptic quality; its numpy<2.3 pin would downgrade numpy.
+	$(BIN)/python -m pip install --quiet --no-deps "panoptica==2.1.7"
 	touch $@
 
 install: $(STAMP)  ## Create .venv with the pinned stack.

@@ -61,8 +61,7 @@ def match_folders(pred_dir: Path, ref_dir: Path) -> tuple[list[CasePair], list[s
 
 def score_pair(pair: CasePair, convention: str = "bench", nsd_tolerance_mm: float = 2.0) -> dict:
     """Score one pair; never raises for bad data: problems become a failed row with the reason."""
-    import numpy as np
-
+    from bench.masks import check_mask
     from bench.metrics import compute_metrics
 
     row: dict = {"case_id": pair.case_id, "status": "ok", "error": "", "convention": convention}
@@ -74,23 +73,13 @@ def score_pair(pair: CasePair, convention: str = "bench", nsd_tolerance_mm: floa
         differences = ref_geometry.differences(pred_geometry)
         if differences:
             raise ValueError(f"prediction {pair.prediction.name} does not lie on the reference grid: {'; '.join(differences)}")
-        for name, array, path in (("reference", ref, pair.reference), ("prediction", pred, pair.prediction)):
-            values = _unique(array)
-            if not np.isin(values, (0, 1)).all():  # exact: 0.3 or 0.5 (soft masks) are not labels
-                raise ValueError(f"{name} {path.name} has label values {values[:8].tolist()}, expected 0 and 1 only")
-        metrics = compute_metrics(pred.astype(bool), ref.astype(bool), ref_geometry.spacing, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm)
+        ref = check_mask(ref, ref.shape, source=f"reference {pair.reference.name}")  # exact: soft masks are not labels
+        pred = check_mask(pred, ref.shape, source=f"prediction {pair.prediction.name}")
+        metrics = compute_metrics(pred, ref, ref_geometry.spacing, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm)
         row |= {"spacing": "x".join(f"{s:g}" for s in ref_geometry.spacing)} | metrics
     except (ImageError, ValueError) as exc:
         row |= {"status": "failed", "error": str(exc)}
     return row
-
-
-def _unique(array):
-    import numpy as np
-
-    if array.dtype == bool:
-        return np.unique(array.view(np.uint8))
-    return np.unique(array)  # NaN and inf are unique values too, and fail the 0/1 check
 
 
 def evaluate_pairs(pairs: Iterable[CasePair], *, convention: str = "bench", nsd_tolerance_mm: float = 2.0, workers: int = 1) -> Iterator[dict]:
@@ -146,19 +135,17 @@ def summarize(table) -> "pandas.DataFrame":  # noqa: F821
     import pandas as pd
 
     from bench.metrics import METRICS
-    from bench.stats import worst_value
+    from bench.stats import counted_values, worst_value
 
     ok = (table["status"] == "ok").to_numpy() if "status" in table else np.ones(len(table), bool)
     records = []
     for key, info in METRICS.items():
         if key not in table:
             continue
-        values = pd.to_numeric(table[key], errors="coerce").to_numpy(dtype=float)
-        n_inf = int(np.isinf(values[ok]).sum())
-        if info.inf_cap is not None:
-            values = np.where(np.isinf(values), info.inf_cap, values)
+        raw = pd.to_numeric(table[key], errors="coerce").to_numpy(dtype=float)
+        n_inf = int(np.isinf(raw[ok]).sum())
+        values, _ = counted_values(raw, ok, key)
         worst = worst_value(key)
-        values = np.where(ok, values, worst)
         values = values[np.isfinite(values)]
         records.append(
             {

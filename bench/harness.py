@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bench import __version__
 from bench.data.dataset import Case, Dataset
 from bench.data.splits import Fold
+from bench.results import CaseResult, LesionRow
 
 ProtocolName = Literal["kfold", "loso"]
 
@@ -124,22 +126,22 @@ class FoldUnit:
         try:
             predictor, train_s = self._predictor(dataset)
         except Exception as exc:  # a broken submission fails its cases, never the whole benchmark
-            message = f"{type(exc).__name__}: {exc}"
+            message = f"model could not be loaded or trained: {type(exc).__name__}: {exc}"
             for case_id in todo:
-                store.record_case_result(self._failed_row(dataset.case(case_id), f"model could not be loaded or trained: {message}"))
+                store.record_case_result(self._failed(dataset.case(case_id), message))
             return UnitResult(self.run_id, self.fold.name, failed=len(todo), error=traceback.format_exc(limit=5))
         scored = failed = 0
         try:
             for case_id in todo:
                 case = dataset.case(case_id)
                 try:
-                    row, lesions = score_case(predictor, case, self._prediction_path(case_id), self.spec.convention)
-                    row |= {"run_id": self.run_id, "fold": self.fold.name}
+                    result = score_case(predictor, case, self._prediction_path(case_id), self.spec.convention)
                 except Exception as exc:  # unreadable reference, full disk, ...: this case fails, the run goes on
-                    row, lesions = self._failed_row(case, f"scoring failed: {type(exc).__name__}: {exc}"), ()
-                store.record_case_result(row, lesions)
-                scored += row["status"] == "ok"
-                failed += row["status"] != "ok"
+                    result = CaseResult.failed("", case.case_id, f"scoring failed: {type(exc).__name__}: {exc}", site=case.site)
+                result = result.with_run(self.run_id, self.fold.name)
+                store.record_case_result(result)
+                scored += result.ok
+                failed += not result.ok
         finally:  # stops a submission's worker process, if its kind runs one
             getattr(predictor, "close", lambda: None)()
         return UnitResult(self.run_id, self.fold.name, scored=scored, failed=failed, skipped=len(self.fold.test) - len(todo), train_s=train_s)
@@ -148,25 +150,54 @@ class FoldUnit:
 
     @property
     def run_dir(self) -> Path:
-        return self.spec.results_dir / "runs" / self.run_id
+        return self.spec.results_dir.resolve() / "runs" / self.run_id
 
     def _prediction_path(self, case_id: str) -> Path:
         return self.run_dir / "predictions" / f"{case_id}.nii.gz"
 
-    def _failed_row(self, case: Case, error: str) -> dict:
-        return {"run_id": self.run_id, "fold": self.fold.name, "case_id": case.case_id, "site": case.site, "status": "failed", "error": error}
+    def _failed(self, case: Case, error: str) -> CaseResult:
+        return CaseResult.failed(self.run_id, case.case_id, error, site=case.site, fold=self.fold.name)
 
     def _predictor(self, dataset: Dataset):
+        """The fold's predictor, always behind the submission guard (blinding, sandbox, limits, mask check)."""
         from bench.submissions import load_submission
 
         submission = load_submission(self.spec.submission)
-        if submission.kind != "trainable":
-            return submission.predictor(cache_dir=self.spec.results_dir / "cache"), 0.0
+        cache_dir = self.spec.results_dir.resolve() / "cache"
+        if not submission.trains:
+            return submission.predictor(cache_dir=cache_dir), 0.0
         train_ids, val_ids = split_validation(dataset, self.fold.train, self.spec.val_fraction, self.spec.seed)
-        trainable = submission.trainable(schedule=self.spec.schedule, cache_dir=self.spec.results_dir / "cache")
+        trainable = submission.trainable(schedule=self.spec.schedule, cache_dir=cache_dir)
         start = time.perf_counter()
-        predictor = trainable.fit([dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids], self.run_dir / "models" / self.fold.name)
-        return predictor, time.perf_counter() - start
+        model_dir = self.run_dir / "models" / self.fold.name
+        fitted = trainable.fit([dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids], model_dir)
+        return fold_predictor(fitted, model_dir, cache_dir=cache_dir), time.perf_counter() - start
+
+
+def fold_predictor(fitted, model_dir: Path, *, cache_dir: Path | None = None):
+    """A trained fold's predictor on the one prediction path.
+
+    The fold is exported once into ``model_dir/submission`` (TorchScript for MONAI-trainer folds, nnU-Net's
+    own format for nnU-Net folds) and run like any uploaded submission of that kind, through the same
+    guard, sandbox and inference code; so a trained fold and its export give identical masks by
+    construction. A trainer without an exported form runs in this process behind the same guard.
+    """
+    from bench.models import ExportUnsupported, export_fold
+    from bench.submissions import load_submission
+    from bench.submissions.guard import FittedPredictor
+
+    export_dir = Path(model_dir) / EXPORT_FOLDER
+    try:
+        if not (export_dir / "submission.yaml").is_file():
+            export_fold(model_dir, export_dir, "auto", overwrite=True)
+    except ExportUnsupported:
+        return FittedPredictor(fitted)
+    getattr(fitted, "close", lambda: None)()  # the exported copy predicts; free the trained one
+    return load_submission(export_dir).predictor(cache_dir=cache_dir)
+
+
+#: Sub-folder of a trained fold's folder that holds its exported submission.
+EXPORT_FOLDER = "submission"
 
 
 def split_validation(dataset: Dataset, train_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -189,43 +220,44 @@ def split_validation(dataset: Dataset, train_ids: Sequence[str], fraction: float
     return [i for i in train_ids if i not in set(val)], sorted(val)
 
 
-def score_case(predictor, case: Case, prediction_path: Path, convention: str) -> tuple[dict, object]:
-    """Predict one case, save the mask, score it; returns the case row and its per-lesion rows.
+def score_case(predictor, case: Case, prediction_path: Path, convention: str) -> CaseResult:
+    """Predict one case, save the mask, score it; returns its :class:`~bench.results.CaseResult`.
 
-    The lesion rows are a :class:`bench.metrics.LesionMatches` (reference lesions detected or missed,
-    predicted components matched or false positive). Any failure of the predictor (exception, wrong
-    shape, non-binary output) becomes a failed row with the reason; the benchmark goes on.
+    ``predictor`` is a guarded predictor (:meth:`bench.submissions.Submission.predictor` or
+    :func:`fold_predictor`): it has already blinded the case and checked the mask. Any failure of the
+    predictor becomes a failed result with the reason (and the fix); the benchmark goes on.
+    The result has no run id yet (:meth:`CaseResult.with_run`).
     """
     import numpy as np
 
     from bench.imageio import write_image
-    from bench.metrics import compute_metrics_with_lesions
+    from bench.metrics import METRICS, compute_metrics_with_lesions
+    from bench.submissions import PredictionError
 
-    row: dict = {"case_id": case.case_id, "site": case.site, "status": "ok", "error": ""}
     geometry = case.geometry
+    start = time.perf_counter()
     try:
-        start = time.perf_counter()
-        mask = np.asarray(predictor.predict(case))
-        row["predict_s"] = time.perf_counter() - start
-        if mask.shape != tuple(geometry.shape):
-            raise ValueError(f"prediction has shape {mask.shape}, the case's native grid is {tuple(geometry.shape)}")
-        if mask.dtype != bool:
-            values = np.unique(mask)
-            if not set(values.tolist()) <= {0, 1}:
-                raise ValueError(f"prediction has values {values[:8].tolist()}, expected 0/1")
-            mask = mask.astype(bool)
+        mask = predictor.predict(case)
+    except PredictionError as exc:  # the submission layer already says what happened and how to fix it
+        return CaseResult.failed("", case.case_id, f"{exc.message} (fix: {exc.fix})" if exc.fix else exc.message, site=case.site)
     except Exception as exc:
-        from bench.submissions import PredictionError
-
-        if isinstance(exc, PredictionError):  # the submission layer already says what happened and how to fix it
-            return row | {"status": "failed", "error": f"{exc.message} (fix: {exc.fix})" if exc.fix else exc.message}, []
-        return row | {"status": "failed", "error": f"prediction failed: {type(exc).__name__}: {exc}"}, []
+        return CaseResult.failed("", case.case_id, f"prediction failed: {type(exc).__name__}: {exc}", site=case.site)
+    predict_s = time.perf_counter() - start
+    prediction_path = Path(prediction_path).resolve()
     write_image(mask.astype(np.uint8), geometry, prediction_path)
     start = time.perf_counter()
-    reference = case.load_label()
-    metrics, lesions = compute_metrics_with_lesions(mask, reference, geometry.spacing, convention=convention)
-    row["score_s"] = time.perf_counter() - start
-    return row | metrics | {"prediction_path": str(prediction_path)}, lesions
+    metrics, lesions = compute_metrics_with_lesions(mask, case.load_label(), geometry.spacing, convention=convention)
+    return CaseResult(
+        run_id="",
+        case_id=case.case_id,
+        site=case.site,
+        metrics={key: value for key, value in metrics.items() if key in METRICS},
+        empty=metrics.get("empty"),
+        lesions=LesionRow.from_matches(lesions),
+        prediction_path=str(prediction_path),
+        predict_s=predict_s,
+        score_s=time.perf_counter() - start,
+    )
 
 
 class Executor(Protocol):
@@ -288,7 +320,7 @@ def plan_run(spec: RunSpec) -> PlannedRun:
     submission = load_submission(spec.submission)
     preprocessing_id = submission.preprocessing_id
     training = None
-    if submission.kind == "trainable":
+    if submission.trains:
         # "auto" resolves here, once, so a CPU run and a GPU run of the same recipe are different runs.
         spec = spec.model_copy(update={"schedule": resolve_schedule(spec.schedule)})
         training = {"schedule": spec.schedule, "val_fraction": spec.val_fraction, "seed": spec.seed}
@@ -322,51 +354,34 @@ def plan_run(spec: RunSpec) -> PlannedRun:
 
 
 def resolve_schedule(schedule: str) -> str:
-    """``auto`` -> ``gpu`` when this machine has a CUDA GPU, else ``cpu``; other names unchanged."""
-    if schedule != "auto":
-        return schedule
-    return "gpu" if describe_environment()["device"] == "cuda" else "cpu"
+    """``auto`` -> ``gpu`` when torch can use a CUDA device here, else ``cpu`` (:func:`bench.device.schedule_for`)."""
+    from bench.device import schedule_for
+
+    return schedule_for(schedule)
 
 
 def describe_environment() -> dict:
-    """Device, GPU name and library versions, recorded with each run.
+    """Host, device, GPU name, torch and CUDA versions, AMP dtype: recorded with each run.
 
-    Reads package metadata and ``nvidia-smi`` instead of importing torch, which costs seconds and is not
-    needed to plan a run (the trainables import it themselves when they train).
+    See :func:`bench.device.describe_environment`; it does not import torch into this process.
     """
-    import platform
-    import shutil
-    import subprocess
-    from importlib import metadata
+    from bench.device import describe_environment as describe
 
-    info: dict = {"host": platform.node(), "python": platform.python_version(), "cpus": os.cpu_count(), "device": "cpu", "gpu": None}
-    for package in ("torch", "monai", "nnunetv2"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    if shutil.which("nvidia-smi"):
-        try:
-            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.split("\n")
-        except (OSError, subprocess.SubprocessError):
-            names = []
-        if names and names[0].strip():
-            info |= {"device": "cuda", "gpu": names[0].strip()}
-    return info
+    return describe()
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process (and CUDA peak if used), in MB."""
+    """Peak resident memory of this process (and CUDA peak if this process used CUDA), in MB.
+
+    Reads torch's counter only when torch is already imported and CUDA initialised: importing torch
+    just to learn that nothing was allocated cost ~3.8 s per run.
+    """
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
     return peak
 
 

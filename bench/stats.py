@@ -98,6 +98,24 @@ def worst_value(metric: str) -> float:
     return float(high) if math.isfinite(high) else math.nan
 
 
+def counted_values(raw: np.ndarray, ok: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The one worst-value rule: the value each case counts with, and which values were capped.
+
+    Infinite distances of scored cases (exactly one mask empty) become the metric's ``inf_cap`` (with
+    their sign); failed cases count as :func:`worst_value`. Used by the leaderboard's score matrix and
+    by ``bench evaluate``'s summary alike.
+    """
+    raw = np.asarray(raw, dtype=float)
+    ok = np.asarray(ok, dtype=bool)
+    cap = _info(metric).inf_cap
+    capped = np.isinf(raw) & ok & (cap is not None)
+    values = raw.copy()
+    if cap is not None:
+        values[capped] = np.copysign(cap, raw[capped])
+    values[~ok] = worst_value(metric)
+    return values, capped
+
+
 def _oriented(values: np.ndarray, metric: str) -> np.ndarray:
     """Values turned so that *lower is better*; NaN becomes +inf (ranked last)."""
     oriented = -values if _higher_is_better(metric) else values.astype(float, copy=True)
@@ -195,16 +213,12 @@ def _score_matrices(frame: pd.DataFrame, metrics: Sequence[str]) -> list[ScoreMa
 
 
 def _score_matrix(frame: pd.DataFrame, metric: str, layout: _Layout) -> ScoreMatrix:
-    cap = _info(metric).inf_cap
+    _info(metric)  # an unknown metric is named as such before a missing column
     if metric not in frame:
         raise KeyError(f"the results table has no column {metric!r}")
     raw = frame[metric].to_numpy(dtype=float, na_value=np.nan)
-    capped_rows = np.isinf(raw) & layout.ok & (cap is not None)
-    scored = raw.copy()
-    if cap is not None:
-        scored[capped_rows] = np.copysign(cap, raw[capped_rows])
+    scored, capped_rows = counted_values(raw, layout.ok, metric)
     worst = worst_value(metric)
-    scored[~layout.ok] = worst
 
     shape = (layout.cases.size, layout.submissions.size)
     cells = (layout.case_codes, layout.sub_codes)

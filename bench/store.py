@@ -63,6 +63,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from bench.metrics import METRICS
+from bench.results import CaseResult
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -563,8 +564,11 @@ class Store:
 
     # -- per-case results ------------------------------------------------------------------------------
 
-    def record_case_result(self, row: Mapping[str, Any], lesions: Any = (), *, replace: bool = False) -> bool:
+    def record_case_result(self, row: "CaseResult | Mapping[str, Any]", lesions: Any = (), *, replace: bool = False) -> bool:
         """Store one case result and its lesion rows in one transaction; returns whether it was written.
+
+        The harness passes a :class:`bench.results.CaseResult`, which carries its own lesion rows; a plain
+        mapping (described below) is accepted too, for scripts and tests.
 
         ``row`` holds ``run_id``, ``case_id``, ``status`` (``ok`` / ``failed``), optionally ``fold``,
         ``site``, ``error``, ``prediction_path``, ``predict_s``, ``score_s``, ``empty`` and any metric
@@ -577,7 +581,7 @@ class Store:
 
     def record_case_results(
         self,
-        rows: Sequence[Mapping[str, Any]],
+        rows: "Sequence[CaseResult | Mapping[str, Any]]",
         lesions: Sequence[Any] | None = None,
         *,
         replace: bool = False,
@@ -590,6 +594,9 @@ class Store:
             raise StoreError(f"record_case_results: {len(rows)} rows but {len(lesions)} lesion lists")
         if not rows:
             return 0
+        if any(isinstance(row, CaseResult) for row in rows):
+            lesions = [row.lesions if isinstance(row, CaseResult) else (lesions[i] if lesions else ()) for i, row in enumerate(rows)]
+            rows = [row.to_row() if isinstance(row, CaseResult) else row for row in rows]
         now = _now()
         prepared = [_case_row(row, now) for row in rows]
         keys = [(row["run_id"], row["case_id"]) for row in prepared]
@@ -986,7 +993,7 @@ def _lesion_rows(key: tuple[str, str], lesions: Any) -> list[dict[str, Any]]:
         items = [{"kind": "ref", **_fields(lesion)} for lesion in lesions.reference]
         items += [{"kind": "pred", **_fields(component)} for component in lesions.predicted]
     else:
-        items = [dict(item) for item in lesions or ()]
+        items = [_fields(item) for item in lesions or ()]
     rows = []
     for item in items:
         kind = item.get("kind")

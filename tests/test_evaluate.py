@@ -74,7 +74,7 @@ def test_non_binary_prediction_is_rejected(tmp_path: Path) -> None:
     write_image(_blob(), GEOMETRY, refs / "c1.nii.gz")
     write_image(_blob() * 2, GEOMETRY, preds / "c1.nii.gz")
     row = evaluate_folders(preds, refs).iloc[0]
-    assert row["status"] == "failed" and "label values [0, 2]" in row["error"]
+    assert row["status"] == "failed" and "values other than 0 and 1: 2" in row["error"]
 
 
 def test_soft_masks_are_rejected_not_thresholded(tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_soft_masks_are_rejected_not_thresholded(tmp_path: Path) -> None:
     write_image(_blob(), GEOMETRY, refs / "c1.nii.gz")
     write_image(_blob().astype(np.float32) * 0.3, GEOMETRY, preds / "c1.nii.gz")
     row = evaluate_folders(preds, refs).iloc[0]
-    assert row["status"] == "failed" and "expected 0 and 1 only" in row["error"]
+    assert row["status"] == "failed" and "values other than 0 and 1: 0.3" in row["error"]
 
 
 def test_parallel_workers_give_the_same_table(folders: tuple[Path, Path]) -> None:

@@ -66,21 +66,37 @@ def build_trainable(
     return NnUNetTrainable(parsed, schedule_name, preprocessing=preprocessing, submission_dir=submission_dir, device=device, source=identity)
 
 
+class ExportUnsupported(ValueError):
+    """The trained fold's trainer has no exported form (the harness then predicts with it in-process)."""
+
+
+#: The exported form of each trainer's folds (``format="auto"``).
+EXPORT_FORMATS = {"monai": "torchscript", "nnunet": "nnunet"}
+
+
 def export_fold(
     run_dir: Path,
     out_dir: Path,
-    format: Literal["torchscript", "nnunet"] = "torchscript",
+    format: Literal["torchscript", "nnunet", "auto"] = "torchscript",
     *,
     name: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a trained fold as a submission folder that ``bench submission verify`` accepts.
 
-    ``torchscript`` works for MONAI-trainer runs, ``nnunet`` for nnU-Net runs. ``name`` defaults to the
+    ``torchscript`` works for MONAI-trainer runs, ``nnunet`` for nnU-Net runs; ``auto`` picks by the run's
+    trainer (:data:`EXPORT_FORMATS`) and raises :class:`ExportUnsupported` for a trainer with no export. ``name`` defaults to the
     source submission's name plus ``-export``. Returns ``out_dir``.
     """
     from bench.models.export import export_fold as _export
 
+    if format == "auto":
+        from bench.models.runfolder import read_run_record
+
+        trainer = read_run_record(Path(run_dir))["identity"].get("trainer")
+        if trainer not in EXPORT_FORMATS:
+            raise ExportUnsupported(f"{run_dir}: folds of the '{trainer}' trainer have no exported form")
+        format = EXPORT_FORMATS[trainer]  # type: ignore[assignment]
     return _export(Path(run_dir), Path(out_dir), format, name=name, overwrite=overwrite)
 
 
@@ -99,4 +115,4 @@ def submission_identity(submission_dir: Path) -> dict[str, Any]:
     return identity
 
 
-__all__ = ["build_trainable", "export_fold", "submission_identity"]
+__all__ = ["EXPORT_FORMATS", "ExportUnsupported", "build_trainable", "export_fold", "submission_identity"]

@@ -107,6 +107,7 @@ def _export_torchscript(run_dir: Path, folder: Path) -> dict[str, Any]:
         "patch_size": list(bundle.patch_size),
         "overlap": bundle.inference.overlap,
         "blend": "gaussian",
+        "sigma_scale": bundle.inference.gaussian_sigma_scale,
         "activation": "none",  # the traced model already averages softmax probabilities over flips
         "lesion_channel": 1,
         "threshold": bundle.inference.threshold,

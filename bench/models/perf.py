@@ -88,7 +88,7 @@ def run_models_benchmark(
         rows = []
         for path in paths:
             submission = load_submission(path)
-            if submission.kind != "trainable":
+            if not submission.trains:
                 raise ValueError(f"{path}: kind '{submission.kind}' is not trainable; bench perf models measures trainable entrants")
             recipe = dict(submission.manifest.recipe)
             parse_recipe(recipe, source=str(submission.path / "submission.yaml"))  # a clear error before any work

@@ -119,6 +119,13 @@ class Submission:
     def kind(self) -> str:
         return self.manifest.kind
 
+    @property
+    def trains(self) -> bool:
+        """Whether the harness trains this submission per fold (its kind's loader says so)."""
+        from bench.submissions.kinds import KIND_LOADERS
+
+        return KIND_LOADERS[self.kind].trains
+
     @cached_property
     def content_hash(self) -> str:
         """SHA-256 (hex) over the folder's files: sorted relative paths and bytes (see :func:`content_hash`)."""
@@ -169,7 +176,7 @@ class Submission:
         """
         from bench.submissions.predictors import make_predictor
 
-        if self.kind == "trainable":
+        if self.trains:
             raise SubmissionError(
                 self.path,
                 [Problem("error", "kind", "a trainable submission has no predictor before training",
@@ -196,19 +203,15 @@ class Submission:
         with the manifest's recipe unchanged and the submission's effective preprocessing (or
         ``preprocessing`` when given); ``build_options`` (e.g. ``cache_dir``, ``device``) are passed on.
         """
-        if self.kind != "trainable":
+        if not self.trains:
             raise SubmissionError(
                 self.path,
                 [Problem("error", "kind", f"kind '{self.kind}' is not trainable", "use submission.predictor(...)")],
             )
-        from bench.models import build_trainable
+        from bench.submissions.kinds import KIND_LOADERS
 
-        return build_trainable(
-            dict(self.manifest.recipe),
-            submission_dir=self.path,
-            preprocessing=preprocessing or self.preprocessing,
-            schedule=schedule,
-            **build_options,
+        return KIND_LOADERS[self.kind].build_trainable(
+            self, preprocessing=preprocessing or self.preprocessing, schedule=schedule, **build_options
         )
 
 
@@ -330,30 +333,10 @@ def content_hash(root: str | Path) -> str:
 
 
 def validate_mask(array: Any, expected_shape: tuple[int, ...], case_id: str, *, source: str = "the model") -> np.ndarray:
-    """Check that ``array`` is a binary mask of ``expected_shape`` and return it as ``bool``.
+    """:func:`bench.masks.check_mask` for a submission's output: ``bool`` mask or :class:`InvalidPrediction`."""
+    from bench.masks import MaskError, check_mask
 
-    Accepts bool, integer or float arrays whose values are only 0 and 1. Raises
-    :class:`InvalidPrediction` with a fix otherwise.
-    """
-    if not isinstance(array, np.ndarray):
-        raise InvalidPrediction(case_id, f"{source} returned {type(array).__name__}, expected a numpy array",
-                                "return a numpy array (e.g. mask.astype(bool)), not a list or tensor")
-    expected = tuple(int(s) for s in expected_shape)
-    if tuple(array.shape) != expected:
-        fix = "return one value per voxel of the case's grid, array order (z, y, x)"
-        if tuple(array.shape) == expected[::-1]:
-            fix = "the axes look reversed (x, y, z): use SimpleITK's array order (z, y, x), e.g. array.transpose(2, 1, 0)"
-        elif array.ndim == len(expected) + 1 and tuple(array.shape[1:]) == expected:
-            fix = "drop the leading channel/batch axis (return mask[0] or the lesion channel only)"
-        raise InvalidPrediction(case_id, f"{source} returned shape {tuple(array.shape)}, expected {expected}", fix)
-    if array.dtype == bool:
-        return array
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise InvalidPrediction(case_id, f"{source} returned dtype {array.dtype}, expected bool or 0/1 numbers", "return mask.astype(bool)")
-    values = np.unique(array)
-    bad = [v for v in values.tolist() if v not in (0, 1)]
-    if bad:
-        shown = ", ".join(f"{v:g}" for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise InvalidPrediction(case_id, f"{source} returned values other than 0 and 1: {shown}",
-                                "threshold probabilities (e.g. prob > 0.5) and map every lesion label to 1")
-    return array.astype(bool)
+    try:
+        return check_mask(array, expected_shape, source=source)
+    except MaskError as exc:
+        raise InvalidPrediction(case_id, exc.message, exc.fix) from None

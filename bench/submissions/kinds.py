@@ -45,6 +45,8 @@ class KindLoader:
     kind: ClassVar[str]
     #: Whether running the kind executes model code (then predictors are isolated by default).
     runs_code: ClassVar[bool] = True
+    #: Whether the harness trains it per fold (``fit``) before it can predict.
+    trains: ClassVar[bool] = False
 
     @classmethod
     def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
@@ -389,6 +391,11 @@ class TrainableLoader(KindLoader):
     """The harness trains it per fold: ``bench.models.build_trainable`` (imported when needed)."""
 
     kind = "trainable"
+    trains = True
+    #: Where the builder of trainables lives, resolved by name at first use (lm-eval style), so that
+    #: ``bench.submissions`` never imports ``bench.models``: models depend on the submission contract,
+    #: not the other way round.
+    builder: ClassVar[str] = "bench.models:build_trainable"
 
     #: Schedules a recipe may provide; it must build for at least one of them.
     schedules: ClassVar[tuple[str, ...]] = ("cpu", "gpu")
@@ -418,6 +425,13 @@ class TrainableLoader(KindLoader):
     def build(cls, submission: "Submission", options: "PredictorOptions") -> Any:
         raise SubmissionError(submission.path, [Problem("error", "kind", "trainable submissions are trained by the harness",
                                                         "use submission.trainable(...)")])
+
+    @classmethod
+    def build_trainable(cls, submission: "Submission", **options: Any) -> Any:
+        """The :class:`~bench.predictor.Trainable` of the submission's recipe (see ``bench.models.build_trainable``)."""
+        module, _, name = cls.builder.partition(":")
+        builder = getattr(importlib.import_module(module), name)
+        return builder(dict(submission.manifest.recipe), submission_dir=submission.path, **options)
 
 
 #: The registry: kind -> loader. Manifest classes and this mapping are the only places kinds are named.

@@ -122,6 +122,8 @@ class _SlidingWindowFields(_NeedsPreprocessedInputs):
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
     #: How overlapping windows are blended.
     blend: Literal["gaussian", "constant"] = "gaussian"
+    #: Width of the Gaussian importance map as a fraction of the window (MONAI's and nnU-Net's 0.125).
+    sigma_scale: float = Field(0.125, gt=0.0, le=1.0)
     #: Applied to the network output: ``sigmoid`` or ``softmax`` over logits, ``none`` for probabilities.
     activation: Literal["sigmoid", "softmax", "none"] = "sigmoid"
     #: Output channel holding the lesion probability (negative counts from the end).

@@ -43,47 +43,39 @@ def resolve_device(device: str) -> str:
 
 
 class SlidingWindowPredictor:
-    """Preprocess, run ``forward`` over sliding windows, activate, threshold, map back to native."""
+    """Preprocess, :mod:`bench.inference` (windows, activation, back to native, threshold there)."""
 
     def __init__(self, forward: Callable[["torch.Tensor"], "torch.Tensor"], submission: "Submission", options: "PredictorOptions"):
+        from bench.inference import WindowSettings
+
+        m = submission.manifest
         self.forward = forward
-        self.manifest = submission.manifest
+        self.manifest = m
         self.preprocessing = submission.preprocessing
         self.cache_dir = options.cache_dir
         self.device = resolve_device(options.device)
+        self.windows = WindowSettings(tuple(m.patch_size), m.overlap, m.blend, m.sigma_scale, m.sw_batch_size)
+
+    def predict_probabilities(self, case: "Case") -> np.ndarray:
+        """Lesion probability on the case's native grid, float32 ``(z, y, x)``."""
+        return self._predict(case)[0]
 
     def predict(self, case: "Case") -> np.ndarray:
-        import torch
-        from monai.inferers import sliding_window_inference
+        return self._predict(case)[1]
 
+    def _predict(self, case: "Case") -> tuple[np.ndarray, np.ndarray]:
+        from bench.inference import OutputError, lesion_probability, native_mask, window_output
         from bench.submissions.core import InvalidPrediction
 
         m = self.manifest
         prepared = preprocess(case, self.preprocessing, self.cache_dir, with_label=False)
-        inputs = torch.from_numpy(np.ascontiguousarray(prepared.image[None])).to(self.device)
-        with torch.inference_mode():
-            output = sliding_window_inference(
-                inputs,
-                roi_size=tuple(m.patch_size),
-                sw_batch_size=m.sw_batch_size,
-                predictor=self.forward,
-                overlap=m.overlap,
-                mode=m.blend,
-            )
-        if not isinstance(output, torch.Tensor) or output.ndim != 5 or tuple(output.shape[2:]) != prepared.image.shape[1:]:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise InvalidPrediction(case.case_id, f"the network returned {shape} for an input of {tuple(inputs.shape)}",
-                                    "the network must map (N, C, z, y, x) to (N, K, z, y, x) with the same spatial size")
-        if m.activation == "sigmoid":
-            output = torch.sigmoid(output)
-        elif m.activation == "softmax":
-            output = torch.softmax(output, dim=1)
-        channels = output.shape[1]
-        if not -channels <= m.lesion_channel < channels:
-            raise InvalidPrediction(case.case_id, f"lesion_channel {m.lesion_channel} but the network has {channels} output channels",
-                                    "set lesion_channel in submission.yaml to the index of the lesion output")
-        lesion = (output[0, m.lesion_channel] > m.threshold).cpu().numpy()
-        return prepared.to_native(lesion)
+        output = window_output(self.forward, prepared.image, self.windows, self.device)
+        try:
+            probability = lesion_probability(output, prepared.image.shape[1:], m.activation, m.lesion_channel)
+        except OutputError as exc:
+            raise InvalidPrediction(case.case_id, str(exc), "the network must map (N, C, z, y, x) to (N, K, z, y, x) with the same "
+                                    "spatial size, and lesion_channel in submission.yaml must index its lesion output") from None
+        return native_mask(prepared, probability, m.threshold)
 
 
 def load_torchscript(path: Path, device: str) -> Callable[["torch.Tensor"], "torch.Tensor"]:

@@ -63,7 +63,7 @@ def verify_submission(
     from bench.submissions.kinds import KIND_LOADERS
 
     problems += KIND_LOADERS[submission.kind].check(submission, trust_code=trust_code)
-    if _has_errors(problems) or not run_model or submission.kind == "trainable":
+    if _has_errors(problems) or not run_model or submission.trains:
         return problems
     dataset_cases = _dataset_cases(dataset, problems)
     with tempfile.TemporaryDirectory(prefix="hiebench-probe-") as probe_dir:
