@@ -23,6 +23,10 @@ DEFAULT_CONVENTION = "bench"
 #: Tolerance of the normalised surface Dice (NSD), in mm, as BONBID-HIE scored it.
 DEFAULT_NSD_TOLERANCE_MM = 2.0
 
+#: How predicted lesions are matched to reference lesions (see bench.lesionwise.MATCH_RULES):
+#: one-to-one by IoU (as panoptica), so a fragmented prediction is not rewarded.
+DEFAULT_LESION_RULE = "one_to_one"
+
 #: Training schedules of trainable submissions. ``auto``: ``gpu`` when torch can use a CUDA device.
 SCHEDULES: tuple[str, ...] = ("auto", "cpu", "gpu")
 DEFAULT_SCHEDULE = "auto"

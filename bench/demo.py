@@ -11,10 +11,11 @@ scores, so a second run takes seconds.
 
 from __future__ import annotations
 
+from bench.constants import CROSS_VALIDATION_PROTOCOLS
+
 import time
 from pathlib import Path
 
-import typer
 
 #: The submissions the demo benchmarks (folders under ``submissions/``).
 DEMO_SUBMISSIONS: tuple[str, ...] = ("zadc-threshold", "unet-monai", "nnunet-baseline")
@@ -62,7 +63,7 @@ def run_demo(
     specs = [
         RunSpec(submission=submissions_root / name, dataset=data, protocol=protocol, folds=folds, schedule="cpu", results_dir=results, db_url=db_url)
         for name in submissions
-        for protocol in ("kfold", "loso")
+        for protocol in CROSS_VALIDATION_PROTOCOLS
     ]
 
     def report(result) -> None:
@@ -75,7 +76,7 @@ def run_demo(
     from bench.store import Store
 
     store = Store.from_url(db_url)
-    for protocol in ("kfold", "loso"):
+    for protocol in CROSS_VALIDATION_PROTOCOLS:
         table = leaderboard_table(store, protocol=protocol, metrics=("dice", "hd95", "nsd", "lesion_f1"))
         render_leaderboard(table, ("dice", "hd95", "nsd", "lesion_f1"), console=console)
 
@@ -85,14 +86,3 @@ def run_demo(
     console.print("Open the web app:   [bold]make app[/bold]   (= HIE_BENCH_RESULTS_DIR=" + str(results) + " .venv/bin/streamlit run app.py)")
     console.print("Queue runs from the app's Submit page and process them with:   HIE_BENCH_RESULTS_DIR=" + str(results) + " .venv/bin/bench worker")
     return elapsed
-
-
-def demo_command(
-    data: Path = typer.Option(Path("datasets/hie-synth-demo"), "--data", help="Dataset folder (generated if absent)."),
-    results: Path = typer.Option(Path("results/demo"), "--results", help="Folder for predictions, models and the database."),
-    cases: int = typer.Option(24, "--cases", min=4, help="Number of synthetic cases."),
-    folds: int = typer.Option(3, "--folds", min=2, help="k of the k-fold protocol."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Fold units run in parallel."),
-) -> None:
-    """Run the whole benchmark on a synthetic cohort: data, training, scoring, leaderboard."""
-    run_demo(data, results, cases=cases, folds=folds, workers=workers)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import typer
 
+from bench.constants import DEFAULT_CONVENTION, DEFAULT_LESION_RULE, DEFAULT_NSD_TOLERANCE_MM
 from bench.imageio import IMAGE_SUFFIXES, ImageError, read_image, strip_image_suffix
 
 
@@ -59,7 +59,8 @@ def match_folders(pred_dir: Path, ref_dir: Path) -> tuple[list[CasePair], list[s
     return pairs, unmatched
 
 
-def score_pair(pair: CasePair, convention: str = "bench", nsd_tolerance_mm: float = 2.0) -> dict:
+def score_pair(pair: CasePair, convention: str = DEFAULT_CONVENTION, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+               lesion_rule: str = DEFAULT_LESION_RULE) -> dict:
     """Score one pair; never raises for bad data: problems become a failed row with the reason."""
     from bench.masks import check_mask
     from bench.metrics import compute_metrics
@@ -75,30 +76,33 @@ def score_pair(pair: CasePair, convention: str = "bench", nsd_tolerance_mm: floa
             raise ValueError(f"prediction {pair.prediction.name} does not lie on the reference grid: {'; '.join(differences)}")
         ref = check_mask(ref, ref.shape, source=f"reference {pair.reference.name}")  # exact: soft masks are not labels
         pred = check_mask(pred, ref.shape, source=f"prediction {pair.prediction.name}")
-        metrics = compute_metrics(pred, ref, ref_geometry.spacing, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm)
+        metrics = compute_metrics(pred, ref, ref_geometry.spacing, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm, lesion_rule=lesion_rule)
         row |= {"spacing": "x".join(f"{s:g}" for s in ref_geometry.spacing)} | metrics
     except (ImageError, ValueError) as exc:
         row |= {"status": "failed", "error": str(exc)}
     return row
 
 
-def evaluate_pairs(pairs: Iterable[CasePair], *, convention: str = "bench", nsd_tolerance_mm: float = 2.0, workers: int = 1) -> Iterator[dict]:
+def evaluate_pairs(pairs: Iterable[CasePair], *, convention: str = DEFAULT_CONVENTION, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+                   lesion_rule: str = DEFAULT_LESION_RULE, workers: int = 1) -> Iterator[dict]:
     """Score pairs, in parallel processes when ``workers > 1``; yields rows as they finish, in input order."""
     pairs = list(pairs)
     if workers <= 1:
         for pair in pairs:
-            yield score_pair(pair, convention, nsd_tolerance_mm)
+            yield score_pair(pair, convention, nsd_tolerance_mm, lesion_rule)
         return
+    n = len(pairs)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(score_pair, pairs, [convention] * len(pairs), [nsd_tolerance_mm] * len(pairs), chunksize=4)
+        yield from pool.map(score_pair, pairs, [convention] * n, [nsd_tolerance_mm] * n, [lesion_rule] * n, chunksize=4)
 
 
 def evaluate_folders(
     pred_dir: Path,
     ref_dir: Path,
     *,
-    convention: str = "bench",
-    nsd_tolerance_mm: float = 2.0,
+    convention: str = DEFAULT_CONVENTION,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    lesion_rule: str = DEFAULT_LESION_RULE,
     workers: int = 1,
     progress: bool = False,
     pairs: list[CasePair] | None = None,
@@ -109,18 +113,41 @@ def evaluate_folders(
     """
     import pandas as pd
 
+    from bench.lesionwise import check_rule
     from bench.metrics import CONVENTIONS
 
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+    check_rule(lesion_rule)
     if pairs is None:
         pairs, _ = match_folders(Path(pred_dir), Path(ref_dir))
-    rows = evaluate_pairs(pairs, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm, workers=workers)
+    rows = evaluate_pairs(pairs, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm, lesion_rule=lesion_rule, workers=workers)
     if progress:
         from rich.progress import track
 
         rows = track(rows, total=len(pairs), description="Scoring", transient=True)
     return pd.DataFrame(list(rows))
+
+
+def official_summary(table, metrics: tuple[str, ...] = ("dice", "masd", "nsd")) -> "pandas.DataFrame":  # noqa: F821
+    """The challenge's own means (:func:`bench.stats.official_mean`: NaN cases dropped), per metric.
+
+    Only meaningful for conventions that reproduce a published evaluation (``bonbid2023``, ``bonbid2024``),
+    whose MASD is NaN when exactly one mask is empty; ``n_dropped`` says how many cases each mean left out.
+    Failed cases are left out too, as the challenge had no row for them; ``n_failed`` counts them.
+    """
+    import pandas as pd
+
+    from bench.stats import official_mean
+
+    ok = table[table["status"] == "ok"] if "status" in table else table
+    records = []
+    for key in metrics:
+        if key in ok:
+            result = official_mean(pd.to_numeric(ok[key], errors="coerce"))
+            records.append({"metric": key, "mean": result.mean, "std": result.std, "n": result.n,
+                            "n_dropped": result.n_dropped, "n_failed": len(table) - len(ok)})
+    return pd.DataFrame.from_records(records)
 
 
 def summarize(table) -> "pandas.DataFrame":  # noqa: F821
@@ -176,45 +203,3 @@ def write_table(table, out: Path) -> Path:
         else:
             table.to_parquet(tmp, index=False)
     return out
-
-
-def evaluate_command(
-    pred_dir: Path = typer.Argument(..., help="Folder of predicted masks, one file per case id.", exists=True, file_okay=False),
-    ref_dir: Path = typer.Argument(..., help="Folder of reference masks, one file per case id.", exists=True, file_okay=False),
-    out: Path | None = typer.Option(None, "--out", help="Write the per-case table here (.csv or .parquet)."),
-    convention: str = typer.Option("bench", "--convention", help="Metric convention: bench, medpy, monai or deepmind (see docs/metrics.md)."),
-    nsd_tolerance_mm: float = typer.Option(2.0, "--nsd-tolerance", help="Tolerance of the normalized surface Dice, in mm."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Score cases in this many processes."),
-) -> None:
-    """Score a folder of predicted masks against reference masks, case by case.
-
-    Files are matched by case id (.nii, .nii.gz, .mha). A reference with no prediction is listed as a
-    failed row. Exits with status 1 when any case failed.
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    try:
-        pairs, unmatched = match_folders(pred_dir, ref_dir)
-        table = evaluate_folders(pred_dir, ref_dir, convention=convention, nsd_tolerance_mm=nsd_tolerance_mm, workers=workers, progress=True, pairs=pairs)
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    if unmatched:
-        console.print(f"[yellow]{len(unmatched)} prediction(s) have no reference and were ignored:[/yellow] {', '.join(unmatched[:10])}")
-    failed = table[table["status"] != "ok"]
-    for row in failed.itertuples():
-        console.print(f"[red]{row.case_id}[/red] {row.status}: {row.error}")
-    summary = summarize(table)
-    view = Table(title=f"{len(table) - len(failed)} of {len(table)} cases scored · convention {convention}")
-    for column in ("metric", "unit", "better", "mean", "median", "sd", "n_inf_capped", "n_failed_as_worst"):
-        view.add_column(column, justify="left" if column in ("metric", "unit", "better") else "right")
-    for rec in summary.itertuples():
-        view.add_row(rec.metric, rec.unit, rec.better, f"{rec.mean:.4g}", f"{rec.median:.4g}", f"{rec.sd:.4g}", str(rec.n_inf_capped), str(rec.n_failed_as_worst))
-    console.print(view)
-    if out is not None:
-        write_table(table, out)
-        console.print(f"per-case table written to {out}")
-    if len(failed):
-        raise typer.Exit(1)

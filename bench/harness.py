@@ -14,6 +14,7 @@ data (paths, URL, ids), so another executor (a Ray cluster, for instance) can ru
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -26,15 +27,14 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Literal, Protocol, Sequence
 
-import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from bench import __version__
 from bench.data.dataset import Case, Dataset
+from bench.constants import DEFAULT_CONVENTION, DEFAULT_LESION_RULE, ProtocolName
 from bench.data.splits import Fold
 from bench.results import CaseResult, LesionRow
 
-ProtocolName = Literal["kfold", "loso"]
 
 #: Version of the harness + metric code whose changes invalidate stored numbers. Bumped by hand when
 #: scoring changes; stored in every run id so old and new numbers are never mixed.
@@ -51,7 +51,11 @@ class RunSpec(BaseModel):
     protocol: ProtocolName = "kfold"
     folds: int = Field(5, ge=2, description="Number of folds for k-fold (ignored by leave-one-site-out).")
     seed: int = 0
-    convention: str = "bench"
+    convention: str = DEFAULT_CONVENTION
+    #: How predicted lesions are matched to reference lesions (bench.lesionwise.MATCH_RULES).
+    lesion_rule: str = DEFAULT_LESION_RULE
+    #: Predict in the bubblewrap sandbox (False is --unsafe-no-sandbox, recorded in the run id).
+    sandbox: bool = True
     schedule: Literal["auto", "cpu", "gpu"] = "auto"
     results_dir: Path = Path("results")
     db_url: str
@@ -70,6 +74,8 @@ def run_id(
     convention: str,
     code_version: str = CODE_VERSION,
     training: dict | None = None,
+    lesion_rule: str = DEFAULT_LESION_RULE,
+    sandbox: bool = True,
 ) -> str:
     """Identity of a run: 16 hex digits of SHA-256 over the fields that change its numbers.
 
@@ -83,10 +89,13 @@ def run_id(
         "preprocessing": preprocessing_id,
         "protocol": protocol,
         "folds": folds if protocol == "kfold" else None,
-        "seed": seed if protocol == "kfold" else None,
+        "seed": seed if protocol in ("kfold", "holdout") else None,  # the stratified holdout depends on the seed too
         "convention": convention,
+        "lesion_rule": lesion_rule,
         "code": code_version,
     }
+    if not sandbox:  # only then, so sandboxed runs keep their ids; an unisolated run is never mistaken for one
+        fields["unsafe_no_sandbox"] = True
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -124,7 +133,7 @@ class FoldUnit:
             return UnitResult(self.run_id, self.fold.name, skipped=len(self.fold.test))
         dataset = Dataset.load(self.spec.dataset)
         try:
-            predictor, train_s = self._predictor(dataset)
+            predictor, train_s, shared = self._predictor(dataset)
         except Exception as exc:  # a broken submission fails its cases, never the whole benchmark
             message = f"model could not be loaded or trained: {type(exc).__name__}: {exc}"
             for case_id in todo:
@@ -135,15 +144,16 @@ class FoldUnit:
             for case_id in todo:
                 case = dataset.case(case_id)
                 try:
-                    result = score_case(predictor, case, self._prediction_path(case_id), self.spec.convention)
+                    result = score_case(predictor, case, self._prediction_path(case_id), self.spec.convention, self.spec.lesion_rule)
                 except Exception as exc:  # unreadable reference, full disk, ...: this case fails, the run goes on
                     result = CaseResult.failed("", case.case_id, f"scoring failed: {type(exc).__name__}: {exc}", site=case.site)
                 result = result.with_run(self.run_id, self.fold.name)
                 store.record_case_result(result)
                 scored += result.ok
                 failed += not result.ok
-        finally:  # stops a submission's worker process, if its kind runs one
-            getattr(predictor, "close", lambda: None)()
+        finally:  # a trained fold's predictor is this fold's only; a shared one serves the run's other folds
+            if not shared:
+                predictor.close()
         return UnitResult(self.run_id, self.fold.name, scored=scored, failed=failed, skipped=len(self.fold.test) - len(todo), train_s=train_s)
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -164,17 +174,40 @@ class FoldUnit:
 
         submission = load_submission(self.spec.submission)
         cache_dir = self.spec.results_dir.resolve() / "cache"
-        if not submission.trains:
-            return submission.predictor(cache_dir=cache_dir), 0.0
+        if not submission.trains:  # predictions do not depend on the fold: one predictor process per run
+            return shared_predictor(self.run_id, lambda: submission.predictor(cache_dir=cache_dir, sandbox=self.spec.sandbox)), 0.0, True
         train_ids, val_ids = split_validation(dataset, self.fold.train, self.spec.val_fraction, self.spec.seed)
         trainable = submission.trainable(schedule=self.spec.schedule, cache_dir=cache_dir)
         start = time.perf_counter()
         model_dir = self.run_dir / "models" / self.fold.name
         fitted = trainable.fit([dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids], model_dir)
-        return fold_predictor(fitted, model_dir, cache_dir=cache_dir), time.perf_counter() - start
+        return fold_predictor(fitted, model_dir, cache_dir=cache_dir, sandbox=self.spec.sandbox), time.perf_counter() - start, False
 
 
-def fold_predictor(fitted, model_dir: Path, *, cache_dir: Path | None = None):
+#: The open predictor of a non-training submission, kept for the other folds of its run in this process
+#: (starting a sandboxed worker and loading a model costs seconds; doing it once per fold is waste).
+_SHARED_PREDICTORS: dict[str, object] = {}
+
+
+def shared_predictor(run_id: str, open_predictor: Callable[[], object]):
+    """The run's predictor in this process, opened on first use; a new run closes the previous one."""
+    if run_id not in _SHARED_PREDICTORS:
+        close_shared_predictors()
+        _SHARED_PREDICTORS[run_id] = open_predictor()
+    return _SHARED_PREDICTORS[run_id]
+
+
+def close_shared_predictors() -> None:
+    """End the worker process of every shared predictor (end of a benchmark, or process exit)."""
+    while _SHARED_PREDICTORS:
+        _, predictor = _SHARED_PREDICTORS.popitem()
+        getattr(predictor, "close", lambda: None)()
+
+
+atexit.register(close_shared_predictors)
+
+
+def fold_predictor(fitted, model_dir: Path, *, cache_dir: Path | None = None, sandbox: bool = True):
     """A trained fold's predictor on the one prediction path.
 
     The fold is exported once into ``model_dir/submission`` (TorchScript for MONAI-trainer folds, nnU-Net's
@@ -193,7 +226,7 @@ def fold_predictor(fitted, model_dir: Path, *, cache_dir: Path | None = None):
     except ExportUnsupported:
         return FittedPredictor(fitted)
     getattr(fitted, "close", lambda: None)()  # the exported copy predicts; free the trained one
-    return load_submission(export_dir).predictor(cache_dir=cache_dir)
+    return load_submission(export_dir).predictor(cache_dir=cache_dir, sandbox=sandbox)
 
 
 #: Sub-folder of a trained fold's folder that holds its exported submission.
@@ -220,7 +253,7 @@ def split_validation(dataset: Dataset, train_ids: Sequence[str], fraction: float
     return [i for i in train_ids if i not in set(val)], sorted(val)
 
 
-def score_case(predictor, case: Case, prediction_path: Path, convention: str) -> CaseResult:
+def score_case(predictor, case: Case, prediction_path: Path, convention: str, lesion_rule: str = DEFAULT_LESION_RULE) -> CaseResult:
     """Predict one case, save the mask, score it; returns its :class:`~bench.results.CaseResult`.
 
     ``predictor`` is a guarded predictor (:meth:`bench.submissions.Submission.predictor` or
@@ -246,7 +279,7 @@ def score_case(predictor, case: Case, prediction_path: Path, convention: str) ->
     prediction_path = Path(prediction_path).resolve()
     write_image(mask.astype(np.uint8), geometry, prediction_path)
     start = time.perf_counter()
-    metrics, lesions = compute_metrics_with_lesions(mask, case.load_label(), geometry.spacing, convention=convention)
+    metrics, lesions = compute_metrics_with_lesions(mask, case.load_label(), geometry.spacing, convention=convention, lesion_rule=lesion_rule)
     return CaseResult(
         run_id="",
         case_id=case.case_id,
@@ -261,26 +294,52 @@ def score_case(predictor, case: Case, prediction_path: Path, convention: str) ->
 
 
 class Executor(Protocol):
-    """Runs work units. Units are independent and idempotent, so any order and any retry is safe."""
+    """Runs work units. Units are independent and idempotent, so any order and any retry is safe.
+
+    ``map`` runs every unit (each through :func:`_execute`, which holds the unit's lease), calls
+    ``on_result`` as each finishes, and returns one :class:`UnitResult` per unit. See
+    :class:`LocalExecutor` and :class:`bench.executors.RayExecutor`.
+    """
 
     def map(self, units: Sequence[FoldUnit], on_result: Callable[[UnitResult], None] | None = None) -> list[UnitResult]: ...
 
 
+#: Seconds a unit's lease lives without renewal (``HIE_BENCH_LEASE_TTL_S`` overrides it): how long a
+#: unit whose claimant crashed on another machine waits before it is taken again.
+UNIT_LEASE_TTL_S = 60.0
+
+
 def _execute(unit: FoldUnit) -> UnitResult:
-    """Run one unit, timing it; an unexpected error becomes the unit's result instead of stopping the others."""
+    """Run one unit under its lease, timing it; an unexpected error becomes the unit's result.
+
+    The lease (:func:`bench.leases.hold_unit`) makes sure no two executors, ``bench run`` processes or
+    workers do the same unit at once: a second claimant waits while the first works (and then finds
+    the unit's cases stored), and takes the unit over when the first one dies.
+    """
     from dataclasses import replace
 
+    from bench.leases import hold_unit
+    from bench.store import Store
+
     started = time.perf_counter()
+    store = Store.from_url(unit.spec.db_url)
     try:
-        result = unit.execute()
+        with hold_unit(store, unit.run_id, unit.fold.name, float(os.environ.get("HIE_BENCH_LEASE_TTL_S", UNIT_LEASE_TTL_S))):
+            result = unit.execute()
     except Exception:
         result = UnitResult(unit.run_id, unit.fold.name, error=traceback.format_exc(limit=5))
+    finally:
+        store.dispose()
     return replace(result, wall_s=time.perf_counter() - started, peak_memory_mb=peak_memory_mb())
 
 
 @dataclass
 class LocalExecutor:
-    """Runs units in this process (``workers=1``) or in a pool of spawned local processes."""
+    """Runs units in this process (``workers=1``) or in a pool of spawned local processes.
+
+    With several workers on a machine with G GPUs, worker i sees only GPU ``i mod G``
+    (``CUDA_VISIBLE_DEVICES``, :func:`bench.device.worker_environment`), so its ``cuda`` is its own GPU.
+    """
 
     workers: int = 1
     results: list[UnitResult] = field(default_factory=list)
@@ -293,13 +352,27 @@ class LocalExecutor:
                 if on_result:
                     on_result(results[-1])
             return results
+        from bench.device import torch_facts
+
         # spawn, not fork: torch and SQLAlchemy engines must not be inherited by children.
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn")) as pool:
+        context = get_context("spawn")
+        indices = context.Queue()
+        for index in range(self.workers):
+            indices.put(index)
+        n_gpus = len(torch_facts().gpus)
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_pin_worker, initargs=(indices, n_gpus)) as pool:
             for result in pool.map(_execute, units):
                 results.append(result)
                 if on_result:
                     on_result(result)
         return results
+
+
+def _pin_worker(indices, n_gpus: int) -> None:
+    """Pool initializer: take this worker's index and pin it to its GPU (before anything imports torch)."""
+    from bench.device import worker_environment
+
+    os.environ.update(worker_environment(indices.get(), n_gpus))
 
 
 @dataclass(frozen=True)
@@ -313,10 +386,12 @@ class PlannedRun:
 
 def plan_run(spec: RunSpec) -> PlannedRun:
     """Register dataset, submission and run in the store; return the run's units (nothing is executed)."""
-    from bench.store import Store
+    from bench.store import ISOLATION_NONE, ISOLATION_SANDBOX, Store
     from bench.submissions import load_submission
 
     dataset = Dataset.load(spec.dataset)
+    # Edited labels or images must never keep the pristine run id: recompute the version (stat-keyed cache).
+    dataset.verify_version(cache=spec.results_dir / "cache" / "dataset-digests" / f"{dataset.name}-{dataset.version[:16]}.json")
     submission = load_submission(spec.submission)
     preprocessing_id = submission.preprocessing_id
     training = None
@@ -333,6 +408,8 @@ def plan_run(spec: RunSpec) -> PlannedRun:
         folds=spec.folds,
         seed=spec.seed,
         convention=spec.convention,
+        lesion_rule=spec.lesion_rule,
+        sandbox=spec.sandbox,
     )
     folds = dataset.splits(spec.protocol, k=spec.folds, seed=spec.seed)
     store = Store.from_url(spec.db_url)
@@ -349,6 +426,8 @@ def plan_run(spec: RunSpec) -> PlannedRun:
         code_version=CODE_VERSION,
         config=json.loads(spec.model_dump_json()),
         environment=describe_environment(),
+        lesion_rule=spec.lesion_rule,
+        isolation=ISOLATION_SANDBOX if spec.sandbox else ISOLATION_NONE,
     )
     return PlannedRun(identity, submission.name, tuple(FoldUnit(spec, identity, fold) for fold in folds))
 
@@ -385,16 +464,30 @@ def peak_memory_mb() -> float:
     return peak
 
 
-def run_benchmark(specs: Sequence[RunSpec], *, workers: int = 1, on_result: Callable[[UnitResult], None] | None = None) -> dict[str, list[UnitResult]]:
-    """Plan every run, execute all their units with a :class:`LocalExecutor`, close the runs.
+def run_benchmark(
+    specs: Sequence[RunSpec],
+    *,
+    workers: int = 1,
+    on_result: Callable[[UnitResult], None] | None = None,
+    executor: Executor | None = None,
+) -> dict[str, list[UnitResult]]:
+    """Plan every run, execute all their units with ``executor`` (default a :class:`LocalExecutor` of
+    ``workers`` processes), close the runs.
 
     Returns the unit results per run id. Safe to call again after an interruption: finished cases are
-    skipped, finished trainings are loaded from their run folder.
+    skipped, finished trainings are loaded from their run folder. An executor that knows better than
+    this machine what ``auto`` means (a Ray cluster whose workers have the GPUs) has ``schedule_for``.
     """
     from bench.store import Store
 
+    executor = executor if executor is not None else LocalExecutor(workers)
+    if (schedule_for := getattr(executor, "schedule_for", None)) is not None:
+        specs = [spec.model_copy(update={"schedule": schedule_for(spec.schedule)}) for spec in specs]
     planned = [plan_run(spec) for spec in specs]
-    results = LocalExecutor(workers).map([unit for run in planned for unit in run.units], on_result)
+    try:
+        results = executor.map([unit for run in planned for unit in run.units], on_result)
+    finally:
+        close_shared_predictors()
     by_run: dict[str, list[UnitResult]] = {run.run_id: [] for run in planned}
     for result in results:
         by_run[result.run_id].append(result)
@@ -407,65 +500,3 @@ def run_benchmark(specs: Sequence[RunSpec], *, workers: int = 1, on_result: Call
             peak_memory_mb=max((r.peak_memory_mb for r in unit_results), default=None),
         )
     return by_run
-
-
-def run_command(
-    submissions: list[Path] = typer.Argument(..., help="Submission folders (each with a submission.yaml).", exists=True, file_okay=False),
-    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name under the data root, or a path to a dataset folder."),
-    protocol: list[str] = typer.Option(["kfold"], "--protocol", "-p", help="kfold and/or loso (repeat the option for both)."),
-    folds: int = typer.Option(5, "--folds", min=2, help="Number of folds of the site-stratified k-fold."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the k-fold split."),
-    convention: str = typer.Option("bench", "--convention", help="Metric convention (docs/metrics.md)."),
-    schedule: str = typer.Option("auto", "--schedule", help="Training schedule of trainable submissions: auto (gpu if CUDA), cpu or gpu."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Run this many fold units in parallel local processes."),
-    data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding the datasets (default: datasets/)."),
-    results_dir: Path | None = typer.Option(None, "--results", help="Folder for predictions, models and the default database (default: results/)."),
-    db: str | None = typer.Option(None, "--db", help="SQLAlchemy URL of the results database (default: sqlite:///<results>/bench.db)."),
-) -> None:
-    """Benchmark submissions on a dataset: train per fold if trainable, predict held-out cases, score, store.
-
-    Rerunning the same command resumes: finished cases are skipped and trained folds are reloaded.
-    """
-    from rich.console import Console
-
-    from bench.settings import BenchSettings
-
-    console = Console()
-    settings = BenchSettings(**{k: v for k, v in {"data_root": data_root, "results_dir": results_dir, "db_url": db}.items() if v is not None})
-    dataset_path = Path(dataset) if Path(dataset).is_dir() else settings.data_root / dataset
-    if not (dataset_path / "dataset.json").is_file():
-        console.print(f"[red]error:[/red] no dataset at {dataset_path} (create one with `bench data synth --out {dataset_path}`)")
-        raise typer.Exit(2)
-    from bench.metrics import CONVENTIONS
-
-    problems = [f"unknown protocol {name!r}: use kfold or loso" for name in protocol if name not in ("kfold", "loso")]
-    if convention not in CONVENTIONS:
-        problems.append(f"unknown convention {convention!r}: use one of {', '.join(CONVENTIONS)}")
-    if schedule not in ("auto", "cpu", "gpu"):
-        problems.append(f"unknown schedule {schedule!r}: use auto, cpu or gpu")
-    for problem in problems:
-        console.print(f"[red]error:[/red] {problem}")
-    if problems:
-        raise typer.Exit(2)
-    specs = [
-        RunSpec(submission=path, dataset=dataset_path, protocol=name, folds=folds, seed=seed, convention=convention,
-                schedule=schedule, results_dir=settings.results_dir, db_url=settings.database_url)
-        for path in submissions
-        for name in protocol
-    ]
-
-    def report(result: UnitResult) -> None:
-        status = "[red]failed[/red]" if result.error or result.failed else "[green]ok[/green]"
-        console.print(f"  {status} run {result.run_id} {result.fold}: scored {result.scored}, failed {result.failed}, "
-                      f"already stored {result.skipped}" + (f", trained in {result.train_s:.1f} s" if result.train_s else ""))
-        if result.error:
-            console.print(f"[dim]{result.error.strip().splitlines()[-1]}[/dim]")
-
-    console.print(f"Benchmarking {len(submissions)} submission(s) on {dataset_path} ({', '.join(protocol)}); results in {settings.database_url}")
-    try:
-        by_run = run_benchmark(specs, workers=workers, on_result=report)
-    except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    failed = sum(r.failed for results in by_run.values() for r in results)
-    console.print(f"Done: {len(by_run)} run(s); {failed} case(s) failed. See `bench leaderboard --db {settings.database_url}`.")

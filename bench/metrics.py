@@ -14,6 +14,17 @@ surface elements on the voxel-corner grid, weighted by their area (the model of
 ``surface-distance``, used by the BONBID-HIE challenge), symmetric definitions
 that take the worse of the two directions.
 
+``"bonbid2023"`` and ``"bonbid2024"`` are reproductions of the published BONBID-HIE
+evaluation code (``bonbidhie_eval/evaluation.py`` of baorina/BONBID-HIE-MICCAI2023),
+defects included: it hands surface-distance SimpleITK's (x, y, z) spacing (2023) or
+(z, x, y) spacing (2024) for a (z, y, x) array, so MASD and NSD are computed as if the
+voxel axes had those sizes, and MASD is NaN when exactly one mask is empty. They give
+the challenge's numbers, not physically right ones; see :data:`CONVENTION_INFO`.
+
+Lesion-wise metrics (``lesion_*``) are computed by :mod:`bench.lesionwise` under a
+matching rule (``lesion_rule``; default one-to-one at IoU >= 0.1) and include the
+panoptic quality.
+
 Speed comes from doing every step once and only where the lesions are:
 
 * each mask is cropped to its own bounding box plus one background voxel, which
@@ -53,16 +64,36 @@ from typing import Literal, TypeAlias
 
 import numpy as np
 
+from bench.lesionwise import (
+    DEFAULT_MATCH_RULE,
+    MATCH_RULES,
+    MIN_MATCH_IOU,
+    LesionMatches,
+    LesionOverlaps,
+    MatchRule,
+    PanopticQuality,
+    PredictedComponent,
+    ReferenceLesion,
+    _lesion_f1,
+    check_rule,
+    match,
+)
+
 __all__ = [
     "CONVENTIONS",
+    "CONVENTION_INFO",
     "DEFAULT_CONVENTION",
+    "DEFAULT_MATCH_RULE",
     "DEFAULT_NSD_TOLERANCE_MM",
     "EMPTY_STATES",
     "EMPTY_TABLE",
+    "MATCH_RULES",
     "METRICS",
+    "MIN_MATCH_IOU",
     "NEONATAL_FOV_DIAGONAL_MM",
     "RESULT_KEYS",
     "SURFACE_MODELS",
+    "ConventionInfo",
     "LesionMatches",
     "MetricInfo",
     "PredictedComponent",
@@ -71,20 +102,21 @@ __all__ = [
     "compute_metrics",
     "compute_metrics_with_lesions",
     "distance_definition",
+    "empty_table",
     "lesion_matches",
     "surface_distances",
     "surfel_area_table",
     "validate_masks",
 ]
 
-Convention: TypeAlias = Literal["bench", "medpy", "monai", "deepmind"]
+Convention: TypeAlias = Literal["bench", "medpy", "monai", "deepmind", "bonbid2023", "bonbid2024"]
 EmptyState: TypeAlias = Literal["none", "both", "pred", "ref"]
 SurfaceModel: TypeAlias = Literal["boundary_voxels", "surfels"]
 MetricValue: TypeAlias = float | int | str
 Spacing: TypeAlias = tuple[float, float, float]
 
 #: Conventions understood by :func:`compute_metrics`; the first is the default.
-CONVENTIONS: tuple[Convention, ...] = ("bench", "medpy", "monai", "deepmind")
+CONVENTIONS: tuple[Convention, ...] = ("bench", "medpy", "monai", "deepmind", "bonbid2023", "bonbid2024")
 DEFAULT_CONVENTION: Convention = "bench"
 #: Value of the ``empty`` key: which of the two masks has no foreground voxel.
 EMPTY_STATES: tuple[EmptyState, ...] = ("none", "both", "pred", "ref")
@@ -123,6 +155,9 @@ class MetricInfo:
         conventions: Conventions with their own definition of the metric; the others
             fall back to ``"bench"``. Empty for metrics that do not depend on the
             convention (overlap, volume and lesion metrics).
+        nan_conventions: Conventions under which the metric can be ``NaN``: the
+            reproductions of published code that returns NaN (BONBID-HIE's MASD when
+            exactly one mask is empty). Every other convention never returns NaN.
     """
 
     key: str
@@ -133,6 +168,68 @@ class MetricInfo:
     description: str
     inf_cap: float | None = None
     conventions: tuple[Convention, ...] = ()
+    nan_conventions: tuple[Convention, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConventionInfo:
+    """What a convention is, for the leaderboard, the report and the docs.
+
+    Attributes:
+        name: Key in :data:`CONVENTIONS`.
+        kind: ``"definition"`` (HIE-Bench's own, physically correct),
+            ``"library reproduction"`` (reproduces a metrics library to 1e-6) or
+            ``"reproduction of the published code"`` (reproduces a challenge's evaluation
+            script, defects included: its numbers are comparable with that leaderboard,
+            not physically right).
+        source: What is reproduced, with the version or file and commit.
+        spacing_order: For each array axis, the index of the array-order spacing the
+            convention's surface metrics use (``(0, 1, 2)``: the true spacing).
+        summary: One sentence for tables.
+    """
+
+    name: Convention
+    kind: Literal["definition", "library reproduction", "reproduction of the published code"]
+    source: str
+    spacing_order: tuple[int, int, int]
+    summary: str
+
+    @property
+    def label(self) -> str:
+        """``bonbid2023 (reproduction of the published code)``: name and kind, for a title."""
+        return f"{self.name} ({self.kind})"
+
+
+_BONBID_SOURCE = "github.com/baorina/BONBID-HIE-MICCAI2023, bonbidhie_eval/evaluation.py"
+#: The conventions, what they reproduce and the spacing their surface metrics use.
+CONVENTION_INFO: Mapping[str, ConventionInfo] = MappingProxyType(
+    {
+        "bench": ConventionInfo(
+            "bench", "definition", "HIE-Bench (docs/metrics.md)", (0, 1, 2),
+            "area-weighted surfels, the worse of the two directions, the true voxel spacing",
+        ),
+        "medpy": ConventionInfo("medpy", "library reproduction", "medpy 0.5.2 medpy.metric.binary", (0, 1, 2), "boundary voxels, pooled directions"),
+        "monai": ConventionInfo("monai", "library reproduction", "MONAI 1.6.1 monai.metrics (spacing passed)", (0, 1, 2), "boundary voxels, float32"),
+        "deepmind": ConventionInfo("deepmind", "library reproduction", "surface-distance 0.1 (DeepMind)", (0, 1, 2), "area-weighted surfels"),
+        # evaluation.py at commit e9d4a22 (Oct 2023), lines 944-945: compute_surface_distances(gt_s,
+        # pred_s, gt.GetSpacing()) with gt_s = GetArrayFromImage(gt): spacing (x, y, z) on a (z, y, x)
+        # array, i.e. the array-order spacing reversed.
+        "bonbid2023": ConventionInfo(
+            "bonbid2023", "reproduction of the published code", f"{_BONBID_SOURCE} at e9d4a22 (2023)", (2, 1, 0),
+            "MASD and NSD of the BONBID-HIE 2023 evaluation: spacing (x, y, z) on (z, y, x) arrays; NaN MASD when one mask is empty",
+        ),
+        # evaluation.py re-uploaded at commit f5b2c78 (Sep 2024), lines 908-910: case_spacing_revert =
+        # [s[-1], s[0], s[1]] = (z, x, y) on a (z, y, x) array: slices right, in-plane axes swapped.
+        "bonbid2024": ConventionInfo(
+            "bonbid2024", "reproduction of the published code", f"{_BONBID_SOURCE} at f5b2c78 (2024)", (0, 2, 1),
+            "MASD and NSD of the BONBID-HIE 2024 evaluation: spacing (z, x, y) on (z, y, x) arrays; NaN MASD when one mask is empty",
+        ),
+    }
+)
+#: Conventions that reproduce the BONBID-HIE evaluation script (NSD tolerance fixed at 2 mm).
+_BONBID_CONVENTIONS: tuple[Convention, ...] = ("bonbid2023", "bonbid2024")
+#: The tolerance hard-coded in the BONBID-HIE script (evaluation.py, compute_NSD: ``..._at_tolerance(·, 2)``).
+_BONBID_NSD_TOLERANCE_MM = 2.0
 
 
 # ---------------------------------------------------------------------------
@@ -213,6 +310,16 @@ def _check_convention(convention: str) -> Convention:
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
     return convention  # type: ignore[return-value]
+
+
+def _check_convention_tolerance(convention: Convention, tolerance_mm: float) -> None:
+    # The published BONBID-HIE code hard-codes 2 mm; another tolerance would be a number that
+    # neither the challenge nor HIE-Bench defines, under a label that claims the challenge's.
+    if convention in _BONBID_CONVENTIONS and tolerance_mm != _BONBID_NSD_TOLERANCE_MM:
+        raise ValueError(
+            f"convention {convention!r} reproduces the BONBID-HIE evaluation, whose NSD tolerance is fixed at "
+            f"{_BONBID_NSD_TOLERANCE_MM:g} mm; got nsd_tolerance_mm={tolerance_mm!r} (use convention 'bench' for another tolerance)"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -548,10 +655,21 @@ DistanceFunction: TypeAlias = Callable[[SurfaceDistances, float], float]
 
 @dataclass(frozen=True)
 class _DistanceDefinition:
-    """One convention's definition of a surface metric and the surface it needs."""
+    """One convention's definition of a surface metric and the surface it needs.
+
+    ``spacing_order`` permutes the array-order spacing before the surfaces and their
+    distances are computed (``spacing[spacing_order[i]]`` for axis ``i``): the identity
+    for every physically correct definition, another order to reproduce code that hands
+    the voxel sizes to the wrong axes.
+    """
 
     surface: SurfaceModel
     compute: DistanceFunction
+    spacing_order: tuple[int, int, int] = (0, 1, 2)
+
+    def spacing(self, spacing: Spacing) -> Spacing:
+        order = self.spacing_order
+        return (spacing[order[0]], spacing[order[1]], spacing[order[2]])
 
 
 def _maximum(d: SurfaceDistances, _tolerance_mm: float) -> float:
@@ -639,11 +757,33 @@ def _surface_dice(d: SurfaceDistances, tolerance_mm: float) -> float:
     return float(within / (np.sum(pred_a) + np.sum(ref_a)))
 
 
+def _bonbid_masd(d: SurfaceDistances, tolerance_mm: float) -> float:
+    """BONBID-HIE compute_MASD (reproduction of the published code): np.mean of surface-distance's
+    two directed area-weighted means, on surfels and distances computed with the convention's
+    permuted spacing; NaN when exactly one mask is empty."""
+    return _mean_of_weighted_means(d, tolerance_mm)
+
+
+def _bonbid_nsd(d: SurfaceDistances, tolerance_mm: float) -> float:
+    """BONBID-HIE compute_NSD (reproduction of the published code): surface-distance's
+    compute_surface_dice_at_tolerance at 2 mm, with the convention's permuted spacing."""
+    return _surface_dice(d, tolerance_mm)
+
+
 _VOXELS, _SURFELS = "boundary_voxels", "surfels"
 _HD_MAX_SURFELS = _DistanceDefinition(_SURFELS, _maximum)
 _HD95_SURFELS = _DistanceDefinition(_SURFELS, _max_of_weighted_percentiles_95)
 _MASD_SURFELS = _DistanceDefinition(_SURFELS, _mean_of_weighted_means)
 _NSD_SURFELS = _DistanceDefinition(_SURFELS, _surface_dice)
+# The published BONBID-HIE code computes only Dice, MASD and NSD; its HD, HD95 and ASSD do
+# not exist, so those keys fall back to "bench" (true spacing) under the bonbid conventions.
+_BONBID_DEFINITIONS = {
+    key: {
+        name: _DistanceDefinition(_SURFELS, compute, CONVENTION_INFO[name].spacing_order)
+        for name in _BONBID_CONVENTIONS
+    }
+    for key, compute in (("masd", _bonbid_masd), ("nsd", _bonbid_nsd))
+}
 
 # Per surface metric: the definition of each convention that has one. A convention
 # missing here falls back to "bench" (which is always present).
@@ -666,8 +806,8 @@ _DISTANCE_DEFINITIONS: Mapping[str, Mapping[Convention, _DistanceDefinition]] = 
             "medpy": _DistanceDefinition(_VOXELS, _pooled_mean),
             "monai": _DistanceDefinition(_VOXELS, _pooled_mean_float32),
         },
-        "masd": {"bench": _MASD_SURFELS, "deepmind": _MASD_SURFELS},
-        "nsd": {"bench": _NSD_SURFELS, "deepmind": _NSD_SURFELS},
+        "masd": {"bench": _MASD_SURFELS, "deepmind": _MASD_SURFELS, **_BONBID_DEFINITIONS["masd"]},
+        "nsd": {"bench": _NSD_SURFELS, "deepmind": _NSD_SURFELS, **_BONBID_DEFINITIONS["nsd"]},
     }.items()}
 )
 
@@ -681,7 +821,10 @@ def distance_definition(key: str, convention: Convention) -> tuple[SurfaceModel,
     """
     definitions = _DISTANCE_DEFINITIONS[key]
     chosen = definitions.get(_check_convention(convention), definitions["bench"])
-    return chosen.surface, (chosen.compute.__doc__ or "").strip()
+    description = (chosen.compute.__doc__ or "").strip()
+    if chosen.spacing_order != (0, 1, 2):
+        description += f" Spacing used for axes (0, 1, 2): array-order spacing indices {chosen.spacing_order}."
+    return chosen.surface, description
 
 
 # ---------------------------------------------------------------------------
@@ -692,7 +835,7 @@ _UNIT_RANGE = (0.0, 1.0)
 _NON_NEGATIVE = (0.0, math.inf)
 
 
-def _distance_info(key: str, name: str, description: str) -> MetricInfo:
+def _distance_info(key: str, name: str, description: str, nan_conventions: tuple[Convention, ...] = ()) -> MetricInfo:
     return MetricInfo(
         key=key,
         name=name,
@@ -702,7 +845,15 @@ def _distance_info(key: str, name: str, description: str) -> MetricInfo:
         description=description,
         inf_cap=NEONATAL_FOV_DIAGONAL_MM,
         conventions=tuple(_DISTANCE_DEFINITIONS[key]),
+        nan_conventions=nan_conventions,
     )
+
+
+_BONBID_NOTE = (
+    " Under bonbid2023 / bonbid2024: reproduction of the published code (BONBID-HIE evaluation.py),"
+    " with its permuted spacing (CONVENTION_INFO)"
+)
+_RULE_NOTE = f"under the lesion matching rule (default {DEFAULT_MATCH_RULE}, IoU >= {MIN_MATCH_IOU:g}; bench.lesionwise)"
 
 
 #: Metadata of every numeric key returned by :func:`compute_metrics`, in output order.
@@ -718,14 +869,20 @@ METRICS: Mapping[str, MetricInfo] = MappingProxyType(
             _distance_info("hd", "Hausdorff distance", "Largest distance from a surface element to the other surface."),
             _distance_info("hd95", "95th-percentile Hausdorff distance", "Robust Hausdorff distance at 95 %."),
             _distance_info("assd", "Average symmetric surface distance", "Mean distance over both surfaces pooled."),
-            _distance_info("masd", "Mean average surface distance", "Mean of the two directed mean distances."),
+            _distance_info(
+                "masd", "Mean average surface distance",
+                "Mean of the two directed mean distances (area-weighted)."
+                + _BONBID_NOTE + "; NaN, not inf, when exactly one mask is empty, as the challenge's mean drops such cases.",
+                nan_conventions=_BONBID_CONVENTIONS,
+            ),
             MetricInfo(
                 "nsd",
                 "Normalised surface Dice",
                 "",
                 True,
                 _UNIT_RANGE,
-                "Fraction of both surfaces within nsd_tolerance_mm of the other surface (area-weighted).",
+                "Fraction of both surfaces within nsd_tolerance_mm of the other surface (area-weighted)."
+                + _BONBID_NOTE + ", tolerance fixed at 2 mm.",
                 conventions=tuple(_DISTANCE_DEFINITIONS["nsd"]),
             ),
             MetricInfo("pred_volume_ml", "Predicted lesion volume", "ml", None, _NON_NEGATIVE, "voxels x voxel volume."),
@@ -733,18 +890,33 @@ METRICS: Mapping[str, MetricInfo] = MappingProxyType(
             MetricInfo("abs_volume_diff_ml", "Absolute volume difference", "ml", False, _NON_NEGATIVE, "|pred - ref| volume."),
             MetricInfo(
                 "lesion_tp", "Detected lesions", "lesions", True, _NON_NEGATIVE,
-                "Reference lesions (26-connected components) overlapped by the prediction.",
+                f"Reference lesions (26-connected components) matched by a predicted component, {_RULE_NOTE}.",
             ),
             MetricInfo(
                 "lesion_fp", "False-positive components", "lesions", False, _NON_NEGATIVE,
-                "Predicted components overlapping no reference lesion.",
+                f"Predicted components matching no reference lesion, {_RULE_NOTE}.",
             ),
             MetricInfo(
                 "lesion_fn", "Missed lesions", "lesions", False, _NON_NEGATIVE,
-                "Reference lesions not overlapped by the prediction.",
+                f"Reference lesions matched by no predicted component, {_RULE_NOTE}.",
             ),
             MetricInfo(
-                "lesion_f1", "Lesion-wise F1", "", True, _UNIT_RANGE, "2 TP / (2 TP + FP + FN), lesions."
+                "lesion_f1", "Lesion-wise F1", "", True, _UNIT_RANGE, f"2 TP / (2 TP + FP + FN), lesions, {_RULE_NOTE}."
+            ),
+            # Panoptic quality always uses the one-to-one matching (its definition), whatever the
+            # lesion rule, at the rule's threshold, so that RQ equals lesion_f1 under the default rule.
+            MetricInfo(
+                "lesion_pq", "Panoptic quality", "", True, _UNIT_RANGE,
+                f"SQ x RQ = sum of matched IoUs / (TP + FP/2 + FN/2), one-to-one matching at IoU >= {MIN_MATCH_IOU:g} "
+                "(panoptica's pq with MaxBipartiteMatching); 1 when both masks are empty.",
+            ),
+            MetricInfo(
+                "lesion_sq", "Segmentation quality", "", True, _UNIT_RANGE,
+                f"Mean IoU of the one-to-one matched lesion pairs (IoU >= {MIN_MATCH_IOU:g}); 0 without a match.",
+            ),
+            MetricInfo(
+                "lesion_rq", "Recognition quality", "", True, _UNIT_RANGE,
+                f"TP / (TP + FP/2 + FN/2) of the one-to-one matching at IoU >= {MIN_MATCH_IOU:g} (its lesion F1).",
             ),
         )
     }
@@ -755,14 +927,17 @@ RESULT_KEYS: tuple[str, ...] = (*METRICS, "empty")
 _SURFACE_KEYS = tuple(_DISTANCE_DEFINITIONS)
 
 #: Values that replace computed ones when a mask is empty, identical for every
-#: convention (the libraries disagree: exception, NaN, inf, 0). Keys not listed
-#: (specificity, volumes, lesion counts) are computed normally.
+#: convention of HIE-Bench and of the libraries (the libraries disagree: exception,
+#: NaN, inf, 0). Keys not listed (specificity, volumes, lesion counts) are computed
+#: normally. The reproductions of published code differ where that code does
+#: (:func:`empty_table`).
 EMPTY_TABLE: Mapping[EmptyState, Mapping[str, float]] = MappingProxyType(
     {
         "both": MappingProxyType(
             {
                 "dice": 1.0, "iou": 1.0, "sensitivity": 1.0, "precision": 1.0,
                 "hd": 0.0, "hd95": 0.0, "assd": 0.0, "masd": 0.0, "nsd": 1.0, "lesion_f1": 1.0,
+                "lesion_pq": 1.0, "lesion_sq": 1.0, "lesion_rq": 1.0,
             }
         ),
         **{
@@ -770,13 +945,29 @@ EMPTY_TABLE: Mapping[EmptyState, Mapping[str, float]] = MappingProxyType(
                 {
                     "dice": 0.0, "iou": 0.0, "sensitivity": 0.0, "precision": 0.0,
                     "hd": math.inf, "hd95": math.inf, "assd": math.inf, "masd": math.inf, "nsd": 0.0,
-                    "lesion_f1": 0.0,
+                    "lesion_f1": 0.0, "lesion_pq": 0.0, "lesion_sq": 0.0, "lesion_rq": 0.0,
                 }
             )
             for state in ("pred", "ref")
         },
     }
 )
+
+# The BONBID-HIE script (evaluation.py, score_case, lines 928-941 at e9d4a22): both empty gives
+# Dice 1, MASD 0, NSD 1 (as EMPTY_TABLE); exactly one empty gives Dice 0, NSD 0 and MASD NaN, which
+# the challenge's mean (pandas describe) then drops. Only the MASD cell differs from EMPTY_TABLE.
+_BONBID_EMPTY_TABLE: Mapping[EmptyState, Mapping[str, float]] = MappingProxyType(
+    {
+        "both": EMPTY_TABLE["both"],
+        **{state: MappingProxyType({**EMPTY_TABLE[state], "masd": math.nan}) for state in ("pred", "ref")},
+    }
+)
+
+
+def empty_table(convention: Convention = DEFAULT_CONVENTION) -> Mapping[EmptyState, Mapping[str, float]]:
+    """The empty-mask table of a convention: :data:`EMPTY_TABLE`, except for the
+    reproductions of the BONBID-HIE code, whose MASD is NaN when exactly one mask is empty."""
+    return _BONBID_EMPTY_TABLE if _check_convention(convention) in _BONBID_CONVENTIONS else EMPTY_TABLE
 
 
 # ---------------------------------------------------------------------------
@@ -829,6 +1020,17 @@ class _MaskPair:
     def pred_components(self) -> _Components:
         return _Components.of(self.pred_fg)
 
+    @functools.cached_property
+    def overlaps(self) -> LesionOverlaps:
+        """Lesion x component overlap table, from the shared voxels only."""
+        ref, pred = self.ref_lesions, self.pred_components
+        shared = self.ref_in_pred  # per reference voxel
+        # The component label at a shared voxel: read from the prediction's label crop at
+        # that voxel's position, so no full-image label volume is needed.
+        local = self.ref_fg.coords(self.ref_fg.flat[shared]) - self.pred_fg.origin
+        pred_labels = pred.crop_labels[tuple(local.T)] if local.size else np.zeros(0, np.int64)
+        return LesionOverlaps.from_labels(ref.labels[shared], pred_labels, ref.sizes, pred.sizes)
+
     @property
     def empty(self) -> EmptyState:
         if self.pred_fg.count == 0:
@@ -862,155 +1064,94 @@ class _Components:
         labels: Label (1..count, raster order of first voxel) of each foreground
             voxel, in the order of ``_Foreground.flat``.
         count: Number of components.
+        crop_labels: The label image over the mask's padded crop (``_Foreground.padded``).
     """
 
     labels: np.ndarray
     count: int
+    crop_labels: np.ndarray
 
     @classmethod
     def of(cls, fg: _Foreground) -> _Components:
         import cc3d
 
         if fg.count == 0:
-            return cls(np.zeros(0, np.int64), 0)
-        labels, count = cc3d.connected_components(fg.padded, connectivity=26, return_N=True)
-        return cls(labels.ravel()[fg.flat].astype(np.int64), int(count))
+            return cls(np.zeros(0, np.int64), 0, np.zeros((1, 1, 1), np.int64))
+        crop, count = cc3d.connected_components(fg.padded, connectivity=26, return_N=True)
+        return cls(crop.ravel()[fg.flat].astype(np.int64), int(count), crop)
 
-    def touched(self, hits: np.ndarray) -> np.ndarray:
-        """Per component (index 0 is label 1): whether any voxel with ``hits`` is in it."""
-        touched = np.zeros(self.count + 1, dtype=bool)
-        touched[self.labels[hits]] = True
-        return touched[1:]
-
-
-def _lesion_counts(pair: _MaskPair) -> dict[str, float | int]:
-    tp = int(np.count_nonzero(pair.ref_lesions.touched(pair.ref_in_pred)))
-    components = pair.pred_components
-    fp = components.count - int(np.count_nonzero(components.touched(pair.pred_in_ref)))
-    fn = pair.ref_lesions.count - tp
-    return {"lesion_tp": tp, "lesion_fp": fp, "lesion_fn": fn, "lesion_f1": _lesion_f1(tp, fp, fn)}
+    @functools.cached_property
+    def sizes(self) -> np.ndarray:
+        """``(count,)`` voxels per component."""
+        return np.bincount(self.labels, minlength=self.count + 1)[1:]
 
 
-def _lesion_f1(tp: int, fp: int, fn: int) -> float:
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+def _lesion_metrics(pair: _MaskPair, rule: MatchRule) -> tuple[dict[str, float | int], object]:
+    """The ``lesion_*`` keys under ``rule`` and the matching that gave them."""
+    matching = match(pair.overlaps, rule)
+    tp, fp, fn = matching.counts
+    # Panoptic quality is defined on a one-to-one matching: reuse the rule's when it is one.
+    one_to_one = matching if rule == "one_to_one" else match(pair.overlaps, "one_to_one")
+    values: dict[str, float | int] = {"lesion_tp": tp, "lesion_fp": fp, "lesion_fn": fn, "lesion_f1": _lesion_f1(tp, fp, fn)}
+    values.update(PanopticQuality.of(one_to_one, MIN_MATCH_IOU).as_metrics())
+    return values, matching
 
 
-@dataclass(frozen=True)
-class ReferenceLesion:
-    """One reference lesion (26-connected component of the reference mask).
-
-    Attributes:
-        lesion_id: 1-based label, numbered in raster order (first voxel in C order).
-        voxels: Number of voxels.
-        volume_ml: Volume in ml.
-        centroid: Mean voxel index (array-axis order) in the full image.
-        detected: Whether any predicted voxel overlaps it.
-    """
-
-    lesion_id: int
-    voxels: int
-    volume_ml: float
-    centroid: tuple[float, float, float]
-    detected: bool
-
-
-@dataclass(frozen=True)
-class PredictedComponent:
-    """One 26-connected component of the predicted mask.
-
-    Attributes:
-        component_id: 1-based label, numbered in raster order.
-        voxels: Number of voxels.
-        volume_ml: Volume in ml.
-        centroid: Mean voxel index (array-axis order) in the full image.
-        false_positive: ``True`` when it overlaps no reference lesion.
-    """
-
-    component_id: int
-    voxels: int
-    volume_ml: float
-    centroid: tuple[float, float, float]
-    false_positive: bool
-
-
-@dataclass(frozen=True)
-class LesionMatches:
-    """Lesion-wise comparison of a prediction with the reference.
-
-    A reference lesion is detected when at least one predicted voxel overlaps it; a
-    predicted component is a false positive when it overlaps no reference voxel.
-    """
-
-    reference: tuple[ReferenceLesion, ...]
-    predicted: tuple[PredictedComponent, ...]
-
-    @property
-    def tp(self) -> int:
-        """Number of detected reference lesions."""
-        return sum(lesion.detected for lesion in self.reference)
-
-    @property
-    def fn(self) -> int:
-        """Number of missed reference lesions."""
-        return len(self.reference) - self.tp
-
-    @property
-    def fp(self) -> int:
-        """Number of false-positive predicted components."""
-        return sum(component.false_positive for component in self.predicted)
-
-    @property
-    def f1(self) -> float:
-        """Lesion-wise F1, 2 TP / (2 TP + FP + FN); 1 when both masks are empty."""
-        return _lesion_f1(self.tp, self.fp, self.fn)
-
-
-def lesion_matches(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> LesionMatches:
+def lesion_matches(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], *, rule: MatchRule = DEFAULT_MATCH_RULE
+) -> LesionMatches:
     """Per-lesion detection table, for storing rows and showing missed lesions by size.
 
-    Uses the same definitions as the ``lesion_*`` keys of :func:`compute_metrics`.
+    Uses the same definitions as the ``lesion_*`` keys of :func:`compute_metrics`; ``rule`` is one of
+    :data:`MATCH_RULES` (see :mod:`bench.lesionwise`), and every row records it with the IoU and the
+    ids of what it was matched to.
 
     Example:
         >>> import numpy as np, dataclasses
         >>> ref = np.zeros((5, 9, 9), bool); ref[2, 1:3, 1:3] = True; ref[2, 6:8, 6:8] = True
-        >>> pred = np.zeros_like(ref); pred[2, 1, 1] = True; pred[0, 8, 0] = True
+        >>> pred = np.zeros_like(ref); pred[2, 1:3, 1] = True; pred[0, 8, 0] = True
         >>> m = lesion_matches(pred, ref, (2.0, 1.0, 1.0))
-        >>> [(r.lesion_id, r.detected) for r in m.reference], [c.false_positive for c in m.predicted]
-        ([(1, True), (2, False)], [True, False])
+        >>> [(r.lesion_id, r.detected, r.matched_iou) for r in m.reference], [c.false_positive for c in m.predicted]
+        ([(1, True, 0.5), (2, False, 0.0)], [True, False])
     """
-    return _lesion_table(_MaskPair.of(pred, ref, spacing))
+    return _lesion_table(_MaskPair.of(pred, ref, spacing), check_rule(rule))
 
 
-def _lesion_table(pair: _MaskPair) -> LesionMatches:
+def _lesion_table(pair: _MaskPair, rule: MatchRule, matching: object | None = None) -> LesionMatches:
+    chosen = matching if matching is not None else match(pair.overlaps, rule)
+    ref_iou, pred_iou = chosen.best_iou("ref"), chosen.best_iou("pred")  # type: ignore[attr-defined]
+    ref_ids, pred_ids = chosen.partners("ref"), chosen.partners("pred")  # type: ignore[attr-defined]
     return LesionMatches(
         reference=tuple(
-            ReferenceLesion(lesion_id=label, voxels=n, volume_ml=n * pair.voxel_ml, centroid=c, detected=hit)
-            for label, n, c, hit in _component_rows(pair.ref_fg, pair.ref_lesions, pair.ref_in_pred)
+            ReferenceLesion(
+                lesion_id=label, voxels=n, volume_ml=n * pair.voxel_ml, centroid=c, detected=bool(ref_ids[label - 1]),
+                match_rule=rule, matched_iou=float(ref_iou[label - 1]), matched_ids=ref_ids[label - 1],
+            )
+            for label, n, c in _component_rows(pair.ref_fg, pair.ref_lesions)
         ),
         predicted=tuple(
             PredictedComponent(
-                component_id=label, voxels=n, volume_ml=n * pair.voxel_ml, centroid=c, false_positive=not hit
+                component_id=label, voxels=n, volume_ml=n * pair.voxel_ml, centroid=c, false_positive=not pred_ids[label - 1],
+                match_rule=rule, matched_iou=float(pred_iou[label - 1]), matched_ids=pred_ids[label - 1],
             )
-            for label, n, c, hit in _component_rows(pair.pred_fg, pair.pred_components, pair.pred_in_ref)
+            for label, n, c in _component_rows(pair.pred_fg, pair.pred_components)
         ),
+        rule=rule,
     )
 
 
-def _component_rows(
-    fg: _Foreground, components: _Components, in_other: np.ndarray
-) -> list[tuple[int, int, tuple[float, float, float], bool]]:
-    """``(label, voxels, centroid, overlaps the other mask)`` per component."""
+def _component_rows(fg: _Foreground, components: _Components) -> list[tuple[int, int, tuple[float, float, float]]]:
+    """``(label, voxels, centroid)`` per component."""
     if components.count == 0:
         return []
     bins = components.count + 1
-    voxels = np.bincount(components.labels, minlength=bins)[1:]
+    voxels = components.sizes
     coords = fg.coords()
     centroids = np.stack(
         [np.bincount(components.labels, weights=coords[:, axis], minlength=bins)[1:] for axis in range(3)], axis=1
     ) / voxels[:, None]
-    touched = components.touched(in_other)
     return [
-        (label, int(voxels[label - 1]), tuple(float(x) for x in centroids[label - 1]), bool(touched[label - 1]))
+        (label, int(voxels[label - 1]), tuple(float(x) for x in centroids[label - 1]))
         for label in range(1, bins)
     ]  # type: ignore[misc]
 
@@ -1027,6 +1168,7 @@ def compute_metrics(
     *,
     convention: Convention = DEFAULT_CONVENTION,
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    lesion_rule: MatchRule = DEFAULT_MATCH_RULE,
 ) -> dict[str, MetricValue]:
     """Compare a predicted mask with the reference: every metric of :data:`METRICS`.
 
@@ -1035,25 +1177,33 @@ def compute_metrics(
         ref: Reference mask, same shape and grid.
         spacing: Voxel size in mm in array-axis order (``Geometry.spacing``).
         convention: Definition of the surface metrics: ``"bench"`` (default),
-            ``"medpy"``, ``"monai"`` or ``"deepmind"``. A convention reproduces its
-            library for the metrics the library defines (``METRICS[k].conventions``);
-            the other metrics use the ``"bench"`` definition. Overlap, volume and
-            lesion metrics do not depend on the convention.
-        nsd_tolerance_mm: Tolerance of the normalised surface Dice, in mm.
+            ``"medpy"``, ``"monai"``, ``"deepmind"`` (library reproductions) or
+            ``"bonbid2023"``, ``"bonbid2024"`` (reproductions of the published BONBID-HIE
+            evaluation code, defects included; see :data:`CONVENTION_INFO`). A convention
+            reproduces its source for the metrics it defines (``METRICS[k].conventions``);
+            the other metrics use the ``"bench"`` definition. Overlap, volume and lesion
+            metrics do not depend on the convention.
+        nsd_tolerance_mm: Tolerance of the normalised surface Dice, in mm (fixed at 2 for
+            the bonbid conventions).
+        lesion_rule: How predicted components are matched to reference lesions for the
+            ``lesion_tp/fp/fn/f1`` keys, one of :data:`MATCH_RULES` (default
+            :data:`DEFAULT_MATCH_RULE`). ``lesion_pq/sq/rq`` always use the one-to-one matching.
 
     Returns:
         ``{key: value}`` in :data:`RESULT_KEYS` order: floats for metrics, ints for
         the ``lesion_tp/fp/fn`` counts and, under ``"empty"``, one of
-        :data:`EMPTY_STATES`. When a mask is empty, the :data:`EMPTY_TABLE` values
-        apply for every convention: distances are ``inf`` (never NaN) when exactly
-        one mask is empty; aggregation caps them at ``METRICS[k].inf_cap``.
+        :data:`EMPTY_STATES`. When a mask is empty, the :func:`empty_table` values of the
+        convention apply: distances are ``inf`` when exactly one mask is empty, never NaN,
+        except the MASD of the bonbid conventions (NaN, as the published code returns);
+        aggregation caps inf at ``METRICS[k].inf_cap``.
 
     Raises:
         ValueError: For invalid masks or spacing (see :func:`validate_masks`), an
-            unknown convention or a negative tolerance.
+            unknown convention or lesion rule, a negative tolerance, or a tolerance other
+            than 2 mm with a bonbid convention.
     """
-    chosen, tolerance = _check_convention(convention), _check_tolerance(nsd_tolerance_mm)
-    return _metrics(_MaskPair.of(pred, ref, spacing), chosen, tolerance)
+    chosen, tolerance, rule = _check_arguments(convention, nsd_tolerance_mm, lesion_rule)
+    return _metrics(_MaskPair.of(pred, ref, spacing), chosen, tolerance, rule)[0]
 
 
 def compute_metrics_with_lesions(
@@ -1063,38 +1213,51 @@ def compute_metrics_with_lesions(
     *,
     convention: Convention = DEFAULT_CONVENTION,
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    lesion_rule: MatchRule = DEFAULT_MATCH_RULE,
 ) -> tuple[dict[str, MetricValue], LesionMatches]:
     """:func:`compute_metrics` and :func:`lesion_matches` in one pass.
 
-    The masks are validated, cropped and labelled once instead of twice; this is
-    what the harness needs per case. Arguments and errors as :func:`compute_metrics`.
+    The masks are validated, cropped, labelled and matched once instead of twice; this is
+    what the harness needs per case. Arguments and errors as :func:`compute_metrics`; the
+    lesion rows follow ``lesion_rule``.
     """
-    chosen, tolerance = _check_convention(convention), _check_tolerance(nsd_tolerance_mm)
+    chosen, tolerance, rule = _check_arguments(convention, nsd_tolerance_mm, lesion_rule)
     pair = _MaskPair.of(pred, ref, spacing)
-    return _metrics(pair, chosen, tolerance), _lesion_table(pair)
+    values, matching = _metrics(pair, chosen, tolerance, rule)
+    return values, _lesion_table(pair, rule, matching)
 
 
-def _metrics(pair: _MaskPair, convention: Convention, tolerance_mm: float) -> dict[str, MetricValue]:
-    values: dict[str, MetricValue] = {**pair.overlap_metrics(), **_lesion_counts(pair)}
+def _check_arguments(convention: str, tolerance_mm: float, rule: str) -> tuple[Convention, float, MatchRule]:
+    chosen, tolerance = _check_convention(convention), _check_tolerance(tolerance_mm)
+    _check_convention_tolerance(chosen, tolerance)
+    return chosen, tolerance, check_rule(rule)
+
+
+def _metrics(
+    pair: _MaskPair, convention: Convention, tolerance_mm: float, rule: MatchRule
+) -> tuple[dict[str, MetricValue], object]:
+    lesion_values, matching = _lesion_metrics(pair, rule)
+    values: dict[str, MetricValue] = {**pair.overlap_metrics(), **lesion_values}
     empty = pair.empty
     if empty == "none":
         values.update(_surface_metrics(pair, convention, tolerance_mm))
     else:
-        values.update(EMPTY_TABLE[empty])
+        values.update(empty_table(convention)[empty])
     values["empty"] = empty
-    return {key: values[key] for key in RESULT_KEYS}
+    return {key: values[key] for key in RESULT_KEYS}, matching
 
 
 def _surface_metrics(pair: _MaskPair, convention: Convention, tolerance_mm: float) -> dict[str, float]:
-    """Surface metrics of two non-empty masks; each surface model is extracted once."""
-    by_model: dict[str, SurfaceDistances] = {}
+    """Surface metrics of two non-empty masks; each surface model (and spacing) is extracted once."""
+    by_model: dict[tuple[str, tuple[int, int, int]], SurfaceDistances] = {}
     values = {}
     for key in _SURFACE_KEYS:
         definitions = _DISTANCE_DEFINITIONS[key]
         definition = definitions.get(convention, definitions["bench"])
-        if definition.surface not in by_model:
-            by_model[definition.surface] = _surface_distances(
-                pair.pred_fg, pair.ref_fg, pair.spacing, definition.surface
+        model = (definition.surface, definition.spacing_order)
+        if model not in by_model:
+            by_model[model] = _surface_distances(
+                pair.pred_fg, pair.ref_fg, definition.spacing(pair.spacing), definition.surface
             )
-        values[key] = definition.compute(by_model[definition.surface], tolerance_mm)
+        values[key] = definition.compute(by_model[model], tolerance_mm)
     return values

@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import numpy as np
@@ -452,3 +453,48 @@ def _with_verdicts(frame: pd.DataFrame) -> pd.DataFrame:
             verdicts.append(verdict)
             agreements.append(f"{'yes' if row.agrees else 'NO'} ({row.max_rel_diff:.1e})")
     return frame.assign(verdict=verdicts, agreement=agreements)
+
+
+@app.command("gpu")
+def gpu_command(
+    device: Annotated[str, typer.Option(help="auto (CUDA when torch can use it), cuda, cuda:N or cpu.")] = "auto",
+    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny cases, one iteration per epoch: the dry run (with --device cpu, what make test runs).")] = False,
+    work_dir: Annotated[Path | None, typer.Option(help="Keep run folders here instead of a temporary folder.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the table as CSV.")] = None,
+) -> None:
+    """Train every shipped trainable entrant briefly on the GPU, time it beside nnUNetPredictor, and check
+    its numbers against the CPU on the same tiny case (one table; exit 1 if a parity check fails)."""
+    from bench.device import DeviceError
+    from bench.gpu_check import GpuCheckConfig, run_gpu_check
+
+    config = GpuCheckConfig.dry_run(device) if tiny else GpuCheckConfig(device=device)
+    try:
+        report = run_gpu_check(config, work_dir=work_dir, echo=typer.echo)
+    except DeviceError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    frame = report.frame.assign(parity=["ok" if ok else "FAILED" for ok in report.frame["parity_ok"]])
+    print_frame(
+        frame,
+        f"bench perf gpu on {report.device.device} ({report.device.name}): {config.size} cases",
+        columns={
+            "entrant": "entrant",
+            "patch_size": "patch (z×y×x)",
+            "batch_size": "batch",
+            "train_patches_per_s": "train patches/s",
+            "infer_s_per_case": "inference s/case (TTA)",
+            "infer_vs_nnunet": "× nnUNetPredictor",
+            "dice_device": f"Dice {report.device.device}",
+            "dice_cpu": "Dice cpu",
+            "mask_agreement": "mask agreement",
+            "parity": "parity",
+        },
+        caption=(f"torch {report.device.torch_version}, CUDA {report.device.cuda_version or '-'}, AMP {report.device.amp_dtype or 'off'}; "
+                 f"{report.elapsed_s:.0f} s in all (budget {config.budget_s:.0f} s{'' if report.within_budget else ': EXCEEDED'}). "
+                 f"Parity: same weights, tiny case, |ΔDice| and volume ≤ {config.dice_tolerance}, mask Dice ≥ {config.min_mask_agreement}."),
+    )
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        report.frame.to_csv(output, index=False)
+    if not report.passed:
+        raise typer.Exit(1)

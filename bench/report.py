@@ -3,28 +3,35 @@
 Three commands, each a thin layer over a plain function:
 
 ``bench leaderboard``  -> :func:`leaderboard_table` (a DataFrame, also what the app shows) printed by
-                          :func:`render_leaderboard` as a rich table;
+                          :func:`render_leaderboard` as a rich table (full width when the output is
+                          piped or redirected, never cut to 80 columns), or with ``--format csv`` /
+                          ``--format markdown`` by :func:`leaderboard_text`;
 ``bench report``       -> :func:`write_report`, one self-contained HTML file (plotly.js inlined, so it
                           opens without network);
 ``bench export``       -> :func:`export_results`, a CSV or Parquet file of one table.
 
 A leaderboard compares like with like: one table per dataset version, protocol and metric convention.
 Statistics come from :mod:`bench.stats`, metric names, units and directions from
-:data:`bench.metrics.METRICS`. Heavy imports (pandas, SQLAlchemy, plotly) happen inside the functions,
+:data:`bench.metrics.METRICS`. Every figure of the report and of the app colours a submission with
+:func:`submission_colours` (a stable hash of its label into :data:`SUBMISSION_PALETTE`), so a submission
+looks the same everywhere. Heavy imports (pandas, SQLAlchemy, plotly) happen inside the functions,
 so importing this module for the CLI is cheap.
 """
 
 from __future__ import annotations
 
+from bench.constants import CROSS_VALIDATION_PROTOCOLS
+
+import hashlib
 import html
 import math
+import sys
 import tempfile
 import time
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import typer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,14 +42,21 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_METRICS",
     "ExportFormat",
+    "SUBMISSION_PALETTE",
+    "TableFormat",
     "export_command",
     "export_results",
     "fill_synthetic_results",
     "leaderboard_command",
     "leaderboard_table",
+    "leaderboard_text",
+    "markdown_table",
     "open_store",
     "render_leaderboard",
     "report_command",
+    "submission_colour",
+    "submission_colours",
+    "table_console",
     "time_leaderboard",
     "write_report",
 ]
@@ -50,9 +64,21 @@ __all__ = [
 #: Metrics shown when none is asked for; the first one ranks.
 DEFAULT_METRICS: tuple[str, ...] = ("dice", "hd95", "lesion_f1")
 #: Columns that identify one leaderboard (rows of different groups are never ranked together).
-GROUP_COLUMNS: tuple[str, ...] = ("dataset", "dataset_version", "protocol", "convention")
+GROUP_COLUMNS: tuple[str, ...] = ("dataset", "dataset_version", "protocol", "convention", "lesion_rule")
 #: Tables ``bench export`` writes; the first three are joined with run and submission information.
 EXPORT_TABLES: tuple[str, ...] = ("case_results", "lesions", "runs", "submissions", "datasets", "dataset_cases", "artifacts", "jobs")
+
+
+#: Colours of the submissions in every figure (app and report): Okabe-Ito without its yellow, then Paul
+#: Tol's muted scheme; colour-blind safe and readable on white. Fixed: a submission's colour is the hash
+#: of its label into this tuple, so adding a colour would move every submission.
+SUBMISSION_PALETTE: tuple[str, ...] = (
+    "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00",
+    "#332288", "#882255", "#44AA99", "#999933", "#AA4499", "#000000",
+)  # fmt: skip
+#: Console width for tables whose output is piped or redirected: wide enough for any leaderboard, so
+#: a file or a pager gets every column instead of rich's 80-column default.
+PIPED_TABLE_WIDTH = 1000
 
 
 class ExportFormat(str, Enum):
@@ -60,6 +86,14 @@ class ExportFormat(str, Enum):
 
     csv = "csv"
     parquet = "parquet"
+
+
+class TableFormat(str, Enum):
+    """Output formats of table commands: a rich table for people, CSV or Markdown for files and docs."""
+
+    table = "table"
+    csv = "csv"
+    markdown = "markdown"
 
 
 class ResultsNotFound(RuntimeError):
@@ -77,7 +111,7 @@ def open_store(db: str | None = None) -> Store:
     return Store(db) if db else Store(BenchSettings())
 
 
-def _require_results(store: Store) -> None:
+def require_results(store: Store) -> None:
     if not store.has_results():
         raise ResultsNotFound(f"no results database at {store.url.render_as_string(hide_password=True)} (run `bench run` first, or pass --db)")
 
@@ -176,19 +210,83 @@ def _caption(metrics: Sequence[str], confidence: float) -> str:
     )
 
 
+def submission_colour(label: str) -> str:
+    """The colour of a submission label (``"zadc-threshold 1.0.0"``): a stable hash into
+    :data:`SUBMISSION_PALETTE`, the same in every process, page and report (Python's ``hash`` is salted
+    per process, so SHA-256 it is)."""
+    digest = hashlib.sha256(label.encode("utf-8")).digest()
+    return SUBMISSION_PALETTE[int.from_bytes(digest[:4], "big") % len(SUBMISSION_PALETTE)]
+
+
+def submission_colours(labels: Sequence[str]) -> dict[str, str]:
+    """Colours of the submissions of one scope: :func:`submission_colour` of each label, except that a
+    label whose colour an earlier label (in name order) already took gets the next free palette colour.
+
+    Two submissions of one figure never share a colour; pass every submission of the scope (not only
+    those a figure shows), so that the choice, and with it each colour, is the same in every view.
+    """
+    taken: dict[str, str] = {}
+    for label in sorted(dict.fromkeys(map(str, labels))):
+        start = SUBMISSION_PALETTE.index(submission_colour(label))
+        for step in range(len(SUBMISSION_PALETTE)):
+            colour = SUBMISSION_PALETTE[(start + step) % len(SUBMISSION_PALETTE)]
+            if colour not in taken.values() or len(taken) >= len(SUBMISSION_PALETTE):
+                break
+        taken[label] = colour
+    return taken
+
+
+def table_console(*, stderr: bool = False) -> Console:
+    """A rich console for tables: the terminal's width on a terminal, else :data:`PIPED_TABLE_WIDTH`
+    (rich would otherwise cut piped or redirected output to 80 columns)."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else PIPED_TABLE_WIDTH)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown pipe table of ``frame`` (cells as text, ``|`` escaped)."""
+
+    def cell(value: Any) -> str:
+        text = _fmt(value) if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _group_title(key: Sequence[Any], site: str) -> str:
+    dataset, version, protocol, convention, lesion_rule = key
+    return f"HIE-Bench leaderboard · {dataset} ({version}) · protocol {protocol} · site {site} · convention {convention} · lesions matched {lesion_rule}"
+
+
+def leaderboard_text(table: pd.DataFrame, metrics: Sequence[str], format: TableFormat | str, *, confidence: float = 0.95) -> str:
+    """A leaderboard DataFrame as text: ``csv`` (every column of :func:`leaderboard_table`, one row per
+    submission and group) or ``markdown`` (one titled table per group, the columns of the rich table)."""
+    format = TableFormat(format)
+    if format is TableFormat.csv:
+        return table.to_csv(index=False)
+    if format is not TableFormat.markdown:
+        raise ValueError(f"leaderboard_text writes csv or markdown, not {format.value!r}")
+    blocks = []
+    for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
+        title = _group_title(key, group["site"].iloc[0])
+        blocks.append(f"### {title}\n\n{markdown_table(_board_frame(group, metrics))}\n\n{_caption(list(metrics), confidence)}\n")
+    return "\n".join(blocks)
+
+
 def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: Console | None = None, confidence: float = 0.95) -> None:
     """Print a leaderboard DataFrame (from :func:`leaderboard_table`) as one rich table per group."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    console = console or table_console()
     metrics = list(dict.fromkeys(metrics))
     for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
-        dataset, version, protocol, convention = key
-        site = group["site"].iloc[0]
         rich_table = Table(
-            title=escape(f"HIE-Bench leaderboard · {dataset} ({version}) · protocol {protocol} · site {site} · convention {convention}"),
+            title=escape(_group_title(key, group["site"].iloc[0])),
             caption=escape(_caption(metrics, confidence)),
             caption_justify="left",
         )
@@ -358,10 +456,11 @@ def _html_table(frame: pd.DataFrame, *, name_columns: Sequence[str] = ()) -> str
     return f'<table class="board"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _board_html(group: pd.DataFrame, metrics: Sequence[str]) -> str:
+def _board_frame(group: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """One leaderboard group as the text cells people read (HTML report, Markdown): mean [CI] per metric."""
     import pandas as pd
 
-    shown = pd.DataFrame(
+    return pd.DataFrame(
         {
             "Rank": ["–" if math.isnan(r) else str(int(r)) for r in group["rank"]],
             "Submission": group["submission"].astype(str),
@@ -372,7 +471,10 @@ def _board_html(group: pd.DataFrame, metrics: Sequence[str]) -> str:
             "mean rank": [_fmt(v) for v in group["mean_rank"]],
         }
     )
-    return _html_table(shown, name_columns=("Submission",))
+
+
+def _board_html(group: pd.DataFrame, metrics: Sequence[str]) -> str:
+    return _html_table(_board_frame(group, metrics), name_columns=("Submission",))
 
 
 def write_report(
@@ -405,7 +507,7 @@ def write_report(
     from bench.imageio import write_text_atomic
     from bench.metrics import METRICS
 
-    _require_results(store)
+    require_results(store)
     metrics = list(dict.fromkeys(metrics))
     wanted = list(dict.fromkeys([*metrics, failure_metric]))
     frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=wanted)
@@ -424,11 +526,12 @@ def write_report(
 
     sections = []
     for key, group in frame.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
-        dataset_name, version, protocol_name, convention_name = key
-        parts = [f"<h2>{html.escape(f'{dataset_name} ({version}) · protocol {protocol_name} · convention {convention_name}')}</h2>"]
+        dataset_name, version, protocol_name, convention_name, lesion_rule = key
+        parts = [f"<h2>{html.escape(f'{dataset_name} ({version}) · protocol {protocol_name} · convention {convention_name} · lesions matched {lesion_rule}')}</h2>"]
         group_board = board[(board[list(GROUP_COLUMNS)] == list(key)).all(axis=1)]
         parts += ["<h3>Leaderboard</h3>", _board_html(group_board, metrics), f'<p class="note">{html.escape(_caption(metrics, confidence))}</p>']
         order = group_board["submission"].tolist()
+        colours = submission_colours(order)
 
         parts.append("<h3>Scores per site</h3>")
         parts.append('<p class="note">Failed or missing cases are drawn at the worst value, infinite distances at the cap.</p>')
@@ -437,7 +540,7 @@ def write_report(
             fig = go.Figure()
             for submission in order:
                 j = int(list(matrix.submissions).index(submission))
-                fig.add_trace(go.Box(x=matrix.sites, y=matrix.values[:, j], name=submission, boxpoints="outliers"))
+                fig.add_trace(go.Box(x=matrix.sites, y=matrix.values[:, j], name=submission, boxpoints="outliers", marker_color=colours[submission]))
             fig.update_layout(title=metric_header(metric), boxmode="group", yaxis_title=f"{metric} [{METRICS[metric].unit}]" if METRICS[metric].unit else metric, height=420)
             parts.append(figure(fig))
 
@@ -477,23 +580,33 @@ def write_report(
                 parts.append(_html_table(hard, name_columns=("case_id",)))
         group_lesions = lesion_rows[lesion_rows["run_id"].isin(group["run_id"].unique())]
         if not group_lesions.empty:
-            by_size = stats.missed_lesions_by_size(group_lesions)
-            fig = go.Figure([go.Bar(x=part["size_bin"], y=part["detection_rate"], name=name, customdata=part[["n_detected", "n_lesions"]], hovertemplate="%{x}: %{customdata[0]} of %{customdata[1]} detected<extra>" + html.escape(str(name)) + "</extra>") for name, part in by_size.groupby("submission", sort=False)])
+            # Plain labels: the store's categorical labels carry every submission of the query, and the
+            # size table would list those without a run in this section as rows of zeros.
+            by_size = stats.missed_lesions_by_size(group_lesions.assign(submission=group_lesions["submission"].astype(str)))
+            fig = go.Figure(
+                [
+                    go.Bar(x=part["size_bin"], y=part["detection_rate"], name=name, marker_color=colours.get(name), customdata=part[["n_detected", "n_lesions"]],
+                           hovertemplate="%{x}: %{customdata[0]} of %{customdata[1]} detected<extra>" + html.escape(str(name)) + "</extra>")
+                    for name, part in by_size.groupby("submission", sort=False)
+                ]
+            )
             fig.update_layout(title="Reference lesions detected, by lesion volume", yaxis=dict(title="detection rate", range=[0, 1.05]), barmode="group", height=380)
             parts.append(figure(fig))
             parts.append(_html_table(by_size.drop(columns=["low_ml", "high_ml"]), name_columns=("submission",)))
         sections.append("\n".join(parts))
 
     gap_sections = []
-    if rankable and {"kfold", "loso"} <= set(frame["protocol"]):
+    if rankable and set(CROSS_VALIDATION_PROTOCOLS) <= set(frame["protocol"]):
         both = store.case_results_frame(dataset=dataset, convention=convention, site=site, metrics=[primary])
         for (dataset_name, version, convention_name), group in both.groupby(["dataset", "dataset_version", "convention"], sort=True, observed=True):
             gap = stats.generalization_gap(group, primary, n_boot=n_boot, confidence=confidence, seed=seed)
             if gap.empty:
                 continue
+            gap_colours = submission_colours(group["submission"].astype(str).unique())
             fig = go.Figure(
                 [
-                    go.Bar(x=part["site"], y=part["gap"], name=name, error_y=dict(type="data", symmetric=False, array=part["gap_hi"] - part["gap"], arrayminus=part["gap"] - part["gap_lo"]))
+                    go.Bar(x=part["site"], y=part["gap"], name=name, marker_color=gap_colours.get(name),
+                           error_y=dict(type="data", symmetric=False, array=part["gap_hi"] - part["gap"], arrayminus=part["gap"] - part["gap_lo"]))
                     for name, part in gap.groupby("submission", sort=True)
                 ]
             )
@@ -536,7 +649,7 @@ def export_results(
     """
     import json
 
-    _require_results(store)
+    require_results(store)
     out = Path(out)
     format = format or out.suffix.lstrip(".").lower()
     if format not in {f.value for f in ExportFormat}:
@@ -566,81 +679,3 @@ def export_results(
 
 
 # -- CLI commands (registered by bench.cli) ---------------------------------------------------------------------------------
-
-_DbOption = Annotated[Optional[str], typer.Option("--db", help="Database URL or SQLite file (default: $HIE_BENCH_DB_URL, else results/bench.db).")]
-_MetricOption = Annotated[
-    Optional[list[str]], typer.Option("--metric", "-m", help=f"Metric to show (repeatable; the first ranks). Default: {', '.join(DEFAULT_METRICS)}.")
-]
-_DatasetOption = Annotated[Optional[str], typer.Option("--dataset", help="Dataset name or version (default: every dataset, one table each).")]
-_ProtocolOption = Annotated[Optional[str], typer.Option("--protocol", help="kfold or loso (default: every protocol, one table each).")]
-_SiteOption = Annotated[Optional[str], typer.Option("--site", help="Only cases of this site (bootstrap within it).")]
-_BootOption = Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples for CIs and rank stability.")]
-_SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")]
-
-
-def _fail(message: str) -> None:
-    typer.secho(message, err=True, fg=typer.colors.RED)
-    raise typer.Exit(1)
-
-
-def leaderboard_command(
-    metric: _MetricOption = None,
-    site: _SiteOption = None,
-    protocol: _ProtocolOption = None,
-    dataset: _DatasetOption = None,
-    db: _DbOption = None,
-    bootstrap: _BootOption = 1000,
-    seed: _SeedOption = 0,
-) -> None:
-    """Print the leaderboard: mean [95% CI] per metric, rank, rank stability, failed and capped cases."""
-    from bench.store import StoreError
-
-    metrics = list(metric or DEFAULT_METRICS)
-    try:
-        store = open_store(db)
-        _require_results(store)
-        table = leaderboard_table(store, metrics=metrics, dataset=dataset, protocol=protocol, site=site, n_boot=bootstrap, seed=seed)
-    except (ResultsNotFound, StoreError, KeyError, ValueError) as exc:
-        _fail(str(exc).strip('"'))
-    if table.empty:
-        _fail("no case results match the filters")
-    render_leaderboard(table, metrics)
-
-
-def report_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("results/report.html"),
-    metric: _MetricOption = None,
-    site: _SiteOption = None,
-    protocol: _ProtocolOption = None,
-    dataset: _DatasetOption = None,
-    db: _DbOption = None,
-    bootstrap: _BootOption = 1000,
-    seed: _SeedOption = 0,
-) -> None:
-    """Write a static HTML report: leaderboard, per-site box plots, rank stability, tests, failure cases."""
-    from bench.store import StoreError
-
-    try:
-        path = write_report(open_store(db), out, metrics=list(metric or DEFAULT_METRICS), dataset=dataset, protocol=protocol, site=site, n_boot=bootstrap, seed=seed)
-    except (ResultsNotFound, StoreError, KeyError, ValueError) as exc:
-        _fail(str(exc).strip('"'))
-    typer.echo(f"wrote {path}")
-
-
-def export_command(
-    out: Annotated[Path, typer.Argument(help="File to write (.csv or .parquet).")],
-    format: Annotated[Optional[ExportFormat], typer.Option("--format", "-f", help="csv or parquet (default: from the file suffix).")] = None,
-    table: Annotated[str, typer.Option("--table", help=f"One of: {', '.join(EXPORT_TABLES)}.")] = "case_results",
-    dataset: _DatasetOption = None,
-    protocol: _ProtocolOption = None,
-    all_runs: Annotated[bool, typer.Option("--all-runs", help="Every run, not only the latest of each submission.")] = False,
-    db: _DbOption = None,
-) -> None:
-    """Export a table of the results database (per-case results by default) to CSV or Parquet."""
-    from bench.store import StoreError
-
-    try:
-        path = export_results(open_store(db), out, table=table, format=format.value if format else None, dataset=dataset, protocol=protocol, all_runs=all_runs)
-    except (ResultsNotFound, StoreError, KeyError, ValueError) as exc:
-        _fail(str(exc).strip('"'))
-    typer.echo(f"wrote {path}")

@@ -32,13 +32,23 @@ class LesionRow:
     voxels: int | None = None
     volume_ml: float | None = None
     centroid: tuple[float, float, float] | None = None
+    #: The rule that decided ``detected`` (:data:`bench.lesionwise.MATCH_RULES`), the IoU with the
+    #: matched lesion (the largest under a many-to-many rule) and the ids it was matched to.
+    match_rule: str | None = None
+    matched_iou: float | None = None
+    matched_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_matches(cls, matches: Any) -> tuple["LesionRow", ...]:
         """Rows of a :class:`bench.metrics.LesionMatches` (reference lesions first, then components)."""
-        rows = [cls("ref", r.lesion_id, bool(r.detected), r.voxels, r.volume_ml, tuple(r.centroid)) for r in matches.reference]
-        rows += [cls("pred", c.component_id, not c.false_positive, c.voxels, c.volume_ml, tuple(c.centroid)) for c in matches.predicted]
+        rows = [cls("ref", r.lesion_id, bool(r.detected), r.voxels, r.volume_ml, tuple(r.centroid), *_match(r)) for r in matches.reference]
+        rows += [cls("pred", c.component_id, not c.false_positive, c.voxels, c.volume_ml, tuple(c.centroid), *_match(c))
+                 for c in matches.predicted]
         return tuple(rows)
+
+
+def _match(lesion: Any) -> tuple[str | None, float | None, tuple[int, ...]]:
+    return getattr(lesion, "match_rule", None), getattr(lesion, "matched_iou", None), tuple(getattr(lesion, "matched_ids", ()))
 
 
 @dataclass(frozen=True)

@@ -33,3 +33,19 @@ class BenchSettings(BaseSettings):
     def cache_dir(self) -> Path:
         """Preprocessing cache, keyed by (case, preprocessing id)."""
         return self.results_dir / "cache"
+
+    def dataset_path(self, name_or_path: str | Path) -> Path:
+        """A dataset given by name (a folder under :attr:`data_root`) or by path; the one resolution rule.
+
+        An existing folder wins; otherwise the name is looked up under the data root. Raises
+        ``FileNotFoundError`` with the fix when neither holds a ``dataset.json``.
+        """
+        given = Path(name_or_path)
+        path = given if given.is_dir() else self.data_root / given
+        if not (path / "dataset.json").is_file():
+            raise FileNotFoundError(
+                f"no dataset at {path} (a name under {self.data_root}/ or a folder with dataset.json; "
+                f"create one with `bench data synth --out {path}`)"
+            )
+        return path.resolve()
+

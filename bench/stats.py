@@ -54,6 +54,8 @@ __all__ = [
     "summarize",
     "worst_cases",
     "worst_value",
+    "NanDroppingMean",
+    "official_mean",
 ]
 
 #: Value of the ``site`` column for statistics over all sites.
@@ -771,3 +773,51 @@ def missed_lesions_by_size(lesions: pd.DataFrame, *, bins_ml: Sequence[float] = 
     grouped["high_ml"] = grouped["size_bin"].map(lambda label: bounds[label][1]).astype(float)
     grouped["size_bin"] = grouped["size_bin"].astype(str)
     return grouped[columns]
+
+
+# -- the BONBID-HIE challenge's aggregation ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NanDroppingMean:
+    """A mean over the cases that have a value, and how many had none.
+
+    Attributes:
+        mean: Mean of the non-NaN values (NaN when there is none).
+        std: Their sample standard deviation (ddof=1; NaN for fewer than two).
+        n: Number of values averaged.
+        n_dropped: Number of NaN values left out, which a report must print beside the mean.
+    """
+
+    mean: float
+    std: float
+    n: int
+    n_dropped: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4g} (n={self.n}, {self.n_dropped} dropped as NaN)"
+
+
+def official_mean(values: Sequence[float] | np.ndarray | pd.Series) -> NanDroppingMean:
+    """The per-metric mean of the BONBID-HIE leaderboard: NaN cases dropped, not scored.
+
+    The challenge's evaluation (evalutils ``ClassificationEvaluation.score_aggregates``) reports
+    ``pandas.Series.describe()`` of each per-case column, whose ``mean``, ``std`` and ``count`` skip
+    NaN. With the ``bonbid2023`` / ``bonbid2024`` conventions a case where exactly one mask is empty
+    has MASD NaN, so it silently leaves the MASD mean, which can make a model that misses whole cases
+    look better. This reproduces that mean (computed by pandas, as there) and says how many cases it
+    dropped. ``inf`` is kept (a mean over it is inf), as pandas does; it is never a bonbid MASD.
+    Physically meaningful aggregation (``summarize``, ``leaderboard``) caps inf instead.
+    """
+    series = pd.Series(np.asarray(values, dtype=float).ravel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the std of a column holding inf is NaN
+        summary = series.describe()  # the call the challenge makes
+    n = int(summary["count"])
+    return NanDroppingMean(
+        mean=float(summary["mean"]) if n else math.nan,
+        std=float(summary["std"]) if n > 1 else math.nan,
+        n=n,
+        n_dropped=int(series.size - n),
+    )
+

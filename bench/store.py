@@ -62,6 +62,12 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from bench.constants import DEFAULT_LESION_RULE
+
+#: ``runs.isolation`` of a run whose predictions ran in the bubblewrap sandbox.
+ISOLATION_SANDBOX = "bubblewrap"
+#: ... and of one run with ``--unsafe-no-sandbox``.
+ISOLATION_NONE = "none (--unsafe-no-sandbox)"
 from bench.metrics import METRICS
 from bench.results import CaseResult
 
@@ -150,8 +156,13 @@ runs_table = sa.Table(
     sa.Column("dataset_version", _KEY, sa.ForeignKey("datasets.version"), nullable=False, index=True),
     sa.Column("protocol", sa.String(32), nullable=False),
     sa.Column("convention", sa.String(32), nullable=False),
+    # Runs stored before lesion rules existed matched lesions by any overlap.
+    sa.Column("lesion_rule", sa.String(16), nullable=False, server_default="any_overlap", comment="bench.lesionwise.MATCH_RULES"),
     sa.Column("preprocessing_id", _KEY, nullable=False, default=""),
     sa.Column("code_version", _KEY, nullable=False, default=""),
+    # How predictions were isolated: "bubblewrap", or "none (--unsafe-no-sandbox)"; older runs had no sandbox.
+    sa.Column("isolation", sa.String(40), nullable=False, server_default="none (before the sandbox)"),
+    sa.Column("budget", sa.JSON, comment="training budget planned and used per fold (bench.models.recipe)"),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("created_at", _TIME, nullable=False),
     sa.Column("started_at", _TIME, nullable=False),
@@ -200,6 +211,9 @@ lesions_table = sa.Table(
     sa.Column("centroid_z", sa.Double, comment="mean voxel index, array axis 0"),
     sa.Column("centroid_y", sa.Double),
     sa.Column("centroid_x", sa.Double),
+    sa.Column("match_rule", sa.String(16), comment="the rule that decided detected (bench.lesionwise.MATCH_RULES)"),
+    sa.Column("matched_iou", sa.Double, comment="IoU with the matched lesion (the largest under a many-to-many rule)"),
+    sa.Column("matched_ids", sa.JSON, comment="ids of the lesions of the other mask it was matched to"),
     sa.UniqueConstraint("run_id", "case_id", "kind", "lesion_id", name="uq_lesions_run_case_kind_id"),
     sa.Index("ix_lesions_run_case", "run_id", "case_id"),
 )
@@ -232,6 +246,20 @@ jobs_table = sa.Table(
     sa.Column("log_tail", sa.Text, nullable=False, default=""),
     sa.Column("error", sa.Text),
     sa.Index("ix_jobs_status_id", "status", "id"),
+)
+
+leases_table = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("resource", sa.String(256), primary_key=True, comment="what is held: 'unit:<run_id>:<fold>', 'job:<id>'"),
+    sa.Column("token", sa.String(64), nullable=False, comment="random per claim; renewing and releasing name it"),
+    sa.Column("owner", _NAME, nullable=False, comment="host:pid of the claimant, for people"),
+    sa.Column("node", _NAME, nullable=False, comment="host/boot id/pid namespace: where the pid means something"),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("claimed_at", sa.Double, nullable=False, comment="epoch seconds (the database's clock on PostgreSQL)"),
+    sa.Column("renewed_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double, nullable=False, comment="free to take again after this"),
+    sa.Column("claims", sa.Integer, nullable=False, default=1, comment="1 + how many times an expired lease was taken over"),
 )
 
 _RESERVED = {column.name for column in case_results_table.columns} - set(METRIC_COLUMNS)
@@ -267,6 +295,9 @@ class RunRecord:
     config: dict | None
     environment: dict | None
     error: str | None
+    lesion_rule: str = DEFAULT_LESION_RULE
+    isolation: str = ""
+    budget: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -339,8 +370,9 @@ class Store:
     def create_all(self) -> None:
         """Create missing tables and metric columns. Idempotent and safe from concurrent processes.
 
-        A metric added to :data:`bench.metrics.METRICS` after the database was created gets its column
-        here (``ALTER TABLE ... ADD COLUMN``), so old databases keep working.
+        A metric added to :data:`bench.metrics.METRICS` (or a column added to the runs or lesions table)
+        after the database was created gets its column here (``ALTER TABLE ... ADD COLUMN``), so old
+        databases keep working.
         """
         if self.dialect == "sqlite" and self.url.database not in (None, "", ":memory:"):
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -348,13 +380,16 @@ class Store:
             if self.dialect == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_CREATE_LOCK)))
             metadata.create_all(conn)
-            present = {column["name"] for column in sa.inspect(conn).get_columns(case_results_table.name)}
             quote = conn.dialect.identifier_preparer.quote
-            for column in case_results_table.columns:
-                if column.name not in present:
-                    conn.exec_driver_sql(
-                        f"ALTER TABLE {case_results_table.name} ADD COLUMN {quote(column.name)} {column.type.compile(conn.dialect)}"
-                    )
+            for table in (runs_table, case_results_table, lesions_table):
+                present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in present:
+                        default = f" DEFAULT '{column.server_default.arg}'" if column.server_default is not None else ""
+                        null = " NOT NULL" if not column.nullable and default else ""
+                        conn.exec_driver_sql(
+                            f"ALTER TABLE {table.name} ADD COLUMN {quote(column.name)} {column.type.compile(conn.dialect)}{default}{null}"
+                        )
 
     def has_results(self) -> bool:
         """Whether the database exists and has the results tables (without creating anything)."""
@@ -470,6 +505,8 @@ class Store:
         code_version: str = "",
         config: Mapping[str, Any] | None = None,
         environment: Mapping[str, Any] | None = None,
+        lesion_rule: str = DEFAULT_LESION_RULE,
+        isolation: str = ISOLATION_SANDBOX,
     ) -> str:
         """Create the run, or mark an existing one ``running`` again (a resumed run keeps its rows).
 
@@ -485,6 +522,8 @@ class Store:
             "dataset_version": dataset if isinstance(dataset, str) else dataset.version,
             "protocol": protocol,
             "convention": convention,
+            "lesion_rule": lesion_rule,
+            "isolation": isolation,
             "preprocessing_id": preprocessing_id or "",
             "code_version": code_version or "",
             "status": "running",
@@ -632,6 +671,19 @@ class Store:
         with self.engine.connect() as conn:
             return set(conn.execute(query).scalars())
 
+    def failure_reasons(self, run_id: str, *, limit: int = 3) -> list[tuple[str, int]]:
+        """The most frequent errors of a run's failed cases, as ``(error, count)``, most frequent first."""
+        column = case_results_table.c.error
+        query = (
+            sa.select(column, sa.func.count().label("n"))
+            .where(case_results_table.c.run_id == run_id, case_results_table.c.status != "ok")
+            .group_by(column)
+            .order_by(sa.desc("n"))
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(error or "(no reason recorded)", int(n)) for error, n in conn.execute(query)]
+
     def record_artifact(self, run_id: str, kind: str, path: str | Path, *, fold: str = "", case_id: str = "") -> None:
         """Remember a file a run produced (a trained model folder, a log); the latest path wins."""
         row = {"run_id": run_id, "kind": kind, "fold": fold, "case_id": case_id, "path": str(path), "recorded_at": _now()}
@@ -704,12 +756,13 @@ class Store:
 
         Takes the filters of :meth:`case_results_frame` (except ``metrics``). Columns: ``run_id``,
         run information as in :meth:`case_results_frame`, ``case_id``, ``site``, ``fold``, ``kind``,
-        ``lesion_id``, ``detected``, ``voxels``, ``volume_ml``, ``centroid_z``, ``centroid_y``, ``centroid_x``.
+        ``lesion_id``, ``detected``, ``voxels``, ``volume_ml``, ``centroid_z``, ``centroid_y``, ``centroid_x``,
+        ``match_rule`` and ``matched_iou``.
         """
         import pandas as pd
 
         selected = self._selected_runs(**filters)
-        stored = ["kind", "lesion_id", "detected", "voxels", "volume_ml", "centroid_z", "centroid_y", "centroid_x"]
+        stored = ["kind", "lesion_id", "detected", "voxels", "volume_ml", "centroid_z", "centroid_y", "centroid_x", "match_rule", "matched_iou"]
         columns = ["run_id", "case_id", "site", "fold", *stored]
         if selected.empty:
             return pd.DataFrame(columns=["run_id", *_RUN_INFO, *columns[1:]])
@@ -726,7 +779,7 @@ class Store:
         with self.engine.connect() as conn:
             frame = _fast_frame(conn, query)
         frame["detected"] = frame["detected"].astype(bool)
-        floats = ["volume_ml", "centroid_z", "centroid_y", "centroid_x"]
+        floats = ["volume_ml", "centroid_z", "centroid_y", "centroid_x", "matched_iou"]
         frame[floats] = frame[floats].astype(float)
         return _with_run_info(frame, selected)[["run_id", *_RUN_INFO, *columns[1:]]]
 
@@ -875,6 +928,7 @@ class Store:
                 runs_table.c.run_id, runs_table.c.submission_hash, submissions_table.c.name.label("submission_name"),
                 submissions_table.c.version.label("submission_version"), submissions_table.c.kind.label("submission_kind"),
                 datasets_table.c.name.label("dataset"), runs_table.c.dataset_version, runs_table.c.protocol, runs_table.c.convention,
+                runs_table.c.lesion_rule, runs_table.c.isolation, runs_table.c.budget,
                 runs_table.c.preprocessing_id, runs_table.c.code_version, runs_table.c.status.label("run_status"), runs_table.c.created_at,
                 runs_table.c.started_at, runs_table.c.finished_at, runs_table.c.device, runs_table.c.gpu_name, runs_table.c.peak_memory_mb,
             )
@@ -899,13 +953,122 @@ class Store:
             frame = frame[frame["submission_name"].isin(wanted) | frame["submission"].isin(wanted) | frame["submission_hash"].isin(wanted)]
         if latest_only and not frame.empty:
             frame = frame.sort_values(["started_at", "run_id"], ascending=False).drop_duplicates(
-                ["submission_hash", "dataset_version", "protocol", "convention"]
+                ["submission_hash", "dataset_version", "protocol", "convention", "lesion_rule"]
             )
         return frame.sort_values(["submission", "protocol", "run_id"], ignore_index=True)
 
+    # -- leases: units and jobs that must never run twice at once (see bench.leases) ---------------------
+
+    def lease_clock(self) -> float:
+        """Now, in epoch seconds, by the clock every claimant shares: the server's on PostgreSQL."""
+        with self.engine.connect() as conn:
+            return _lease_now(conn)
+
+    def claim_lease(self, resource: str, *, owner: str, node: str, pid: int, ttl_s: float, stale_token: str | None = None) -> dict[str, Any] | None:
+        """Take ``resource`` for ``ttl_s`` seconds if nobody holds it, its lease expired, or it is held
+        under ``stale_token`` (a claimant known to be dead); returns the lease row, or ``None``.
+
+        One ``INSERT ... ON CONFLICT DO UPDATE ... WHERE`` statement: atomic on SQLite (under the write
+        lock) and on PostgreSQL (the row lock; the WHERE is re-checked on the newest row version), so
+        two claimants racing for the same resource never both get it.
+        """
+        import uuid
+
+        with self._write() as conn:
+            now = _lease_now(conn)
+            row = {"resource": resource, "token": uuid.uuid4().hex, "owner": owner, "node": node, "pid": int(pid),
+                   "claimed_at": now, "renewed_at": now, "expires_at": now + float(ttl_s), "claims": 1}
+            takeover = leases_table.c.expires_at <= now
+            if stale_token is not None:
+                takeover = sa.or_(takeover, leases_table.c.token == stale_token)
+            insert = _insert(conn, leases_table).values(row)
+            taken = conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["resource"],
+                    set_={key: insert.excluded[key] for key in ("token", "owner", "node", "pid", "claimed_at", "renewed_at", "expires_at")}
+                    | {"claims": leases_table.c.claims + 1},
+                    where=takeover,
+                ).returning(*leases_table.c)
+            ).mappings().first()
+        return dict(taken) if taken is not None and taken["token"] == row["token"] else None
+
+    def renew_lease(self, resource: str, token: str, ttl_s: float) -> bool:
+        """Extend a lease held under ``token`` by ``ttl_s`` from now; ``False`` if it is no longer ours."""
+        with self._write() as conn:
+            now = _lease_now(conn)
+            renewed = conn.execute(
+                sa.update(leases_table)
+                .where(leases_table.c.resource == resource, leases_table.c.token == token)
+                .values(renewed_at=now, expires_at=now + float(ttl_s))
+            )
+            return renewed.rowcount == 1
+
+    def release_lease(self, resource: str, token: str) -> bool:
+        """Give a lease back (only the holder's ``token`` can); ``False`` if it was not ours any more."""
+        with self._write() as conn:
+            return conn.execute(sa.delete(leases_table).where(leases_table.c.resource == resource, leases_table.c.token == token)).rowcount == 1
+
+    def get_lease(self, resource: str) -> dict[str, Any] | None:
+        """The lease row of ``resource`` (expired or not), or ``None``."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(leases_table).where(leases_table.c.resource == resource)).mappings().first()
+        return None if row is None else dict(row)
+
+    def list_leases(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Lease rows whose resource starts with ``prefix``, each with ``expired`` (by the shared clock)."""
+        with self.engine.connect() as conn:
+            now = _lease_now(conn)
+            query = sa.select(leases_table).order_by(leases_table.c.resource)
+            if prefix:
+                query = query.where(leases_table.c.resource.startswith(prefix, autoescape=True))
+            return [dict(row) | {"expired": row["expires_at"] <= now} for row in conn.execute(query).mappings()]
+
+    def requeue_stale_jobs(self, *, grace_s: float = 120.0) -> list[int]:
+        """Put ``running`` jobs whose worker died back in the queue; returns their ids.
+
+        A job counts as orphaned when it started more than ``grace_s`` ago and holds no live lease
+        ``job:<id>`` (see :func:`bench.leases.hold_job`). Only safe once every worker on this database
+        holds that lease while it runs a job.
+        """
+        from datetime import timedelta
+
+        with self._write() as conn:
+            now = _lease_now(conn)
+            live = sa.select(leases_table.c.resource).where(
+                leases_table.c.resource == sa.literal("job:") + sa.cast(jobs_table.c.id, sa.String), leases_table.c.expires_at > now
+            )
+            stale = sa.select(jobs_table.c.id).where(
+                jobs_table.c.status == "running", jobs_table.c.started_at < _now() - timedelta(seconds=grace_s), ~sa.exists(live)
+            )
+            ids = [int(job_id) for job_id in conn.execute(stale.with_for_update(skip_locked=True)).scalars()]
+            if ids:
+                conn.execute(
+                    sa.update(jobs_table).where(jobs_table.c.id.in_(ids), jobs_table.c.status == "running")
+                    .values(status="queued", worker=None, started_at=None, finished_at=None)
+                )
+        return ids
+
+    def ping(self, timeout_s: float = 3.0) -> None:
+        """Check the database answers (``SELECT 1``) within about ``timeout_s``; ``StoreError`` if not.
+
+        Creates nothing: a SQLite file that does not exist is reported, not made.
+        """
+        if self.dialect == "sqlite" and self.url.database not in (None, "", ":memory:") and not Path(self.url.database).is_file():
+            raise StoreError(f"no SQLite database at {self.url.database} (it is created by the first `bench run`)")
+        connect_args = {"connect_timeout": max(1, int(timeout_s))} if self.dialect == "postgresql" else {}
+        engine = sa.create_engine(self.url, connect_args=connect_args) if connect_args else self.engine
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.select(sa.literal(1)))
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"cannot reach {self!r}: {type(exc.orig or exc).__name__}: {str(exc.orig or exc).strip().splitlines()[0]}") from exc
+        finally:
+            if engine is not self.engine:
+                engine.dispose()
+
 
 # The per-run columns case_results_frame and lesion_frame attach to every row.
-_RUN_INFO = ("submission", "submission_name", "submission_version", "submission_hash", "dataset", "dataset_version", "protocol", "convention")
+_RUN_INFO = ("submission", "submission_name", "submission_version", "submission_hash", "dataset", "dataset_version", "protocol", "convention", "lesion_rule")
 
 
 def _resolve_url(url: str | Path | BenchSettings | None) -> str:
@@ -954,6 +1117,16 @@ def _insert(conn: Connection, table: sa.Table):
     else:
         raise StoreError(f"unsupported database {conn.dialect.name!r}: HIE-Bench stores results in SQLite or PostgreSQL")
     return insert(table)
+
+
+def _lease_now(conn: Connection) -> float:
+    """Epoch seconds by the database server's clock on PostgreSQL (claimants on several nodes share
+    it, whatever their own clocks say); this machine's clock on SQLite, which only this machine opens."""
+    if conn.dialect.name == "postgresql":
+        return float(conn.execute(sa.select(sa.extract("epoch", sa.func.clock_timestamp()))).scalar_one())
+    import time
+
+    return time.time()
 
 
 def _case_row(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -1019,6 +1192,9 @@ def _lesion_rows(key: tuple[str, str], lesions: Any) -> list[dict[str, Any]]:
                 "voxels": _optional_int(item.get("voxels")),
                 "volume_ml": _optional_float(item.get("volume_ml"), "volume_ml"),
                 **{f"centroid_{axis}": _optional_float(value, "centroid") for axis, value in zip("zyx", centroid)},
+                "match_rule": _optional_str(item.get("match_rule")),
+                "matched_iou": _optional_float(item.get("matched_iou"), "matched_iou"),
+                "matched_ids": [int(i) for i in item.get("matched_ids") or ()] or None,
             }
         )
     return rows

@@ -33,14 +33,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
-
-import typer
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bench.store import JobRecord, Store
 
-__all__ = ["JOB_KINDS", "run_job", "run_worker", "worker_command"]
+__all__ = ["JOB_KINDS", "run_job", "run_worker"]
+
+#: Seconds a running job may go without a live lease before another worker queues it again.
+JOB_LEASE_GRACE_S = 120.0
 
 #: Job kinds this worker knows how to run.
 JOB_KINDS: tuple[str, ...] = ("run",)
@@ -90,7 +91,12 @@ def run_worker(
     name = name or worker_name()
     finished: list[JobRecord] = []
     echo(f"worker {name} on {store.url.render_as_string(hide_password=True)}: waiting for jobs (Ctrl-C to stop)")
+    from bench.leases import hold_job
+
     while not (should_stop and should_stop()):
+        # A job whose worker died (kill -9, lost machine) holds an expired lease: back to the queue.
+        for job_id in store.requeue_stale_jobs(grace_s=JOB_LEASE_GRACE_S) or ():
+            echo(f"job #{job_id}: its worker died; queued again")
         job = store.claim_job(name, kinds=JOB_KINDS)
         if job is None:
             if once:
@@ -99,7 +105,8 @@ def run_worker(
             time.sleep(poll_seconds)
             continue
         echo(f"job #{job.id}: started")
-        done = run_job(store, job, timeout_s=job_timeout_s)
+        with hold_job(store, job.id):  # renewed while the job runs; its expiry tells other workers it died
+            done = run_job(store, job, timeout_s=job_timeout_s)
         echo(f"job #{done.id}: {done.status}" + (f" ({done.error})" if done.error else "") + (f", run {done.run_id}" if done.run_id else ""))
         finished.append(done)
         if once or (max_jobs is not None and len(finished) >= max_jobs):
@@ -128,6 +135,7 @@ def run_job(store: Store, job: JobRecord, *, timeout_s: float | None = None) -> 
             errors="replace",
             bufsize=1,
             start_new_session=True,  # its own process group: a timeout or Ctrl-C ends the model's workers too
+            preexec_fn=_die_with_parent,  # and a worker killed with -9 takes its job process with it
         )
         lines: queue.Queue[str | None] = queue.Queue()
         reader = threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True)
@@ -171,6 +179,18 @@ def run_job(store: Store, job: JobRecord, *, timeout_s: float | None = None) -> 
 def job_log_path(job: JobRecord) -> Path:
     """``<results_dir>/jobs/job-<id>.log`` (``results_dir`` from the job's spec, default ``results``)."""
     return Path(str((job.spec or {}).get("results_dir") or "results")) / "jobs" / f"job-{job.id}.log"
+
+
+def _die_with_parent() -> None:
+    """In the job's child, before exec: ask Linux to SIGKILL it when this worker dies (PR_SET_PDEATHSIG).
+
+    The child's own children (sandboxed predictors) die with it in turn (bubblewrap --die-with-parent).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -248,34 +268,6 @@ def execute_job(job_id: int, store: Store | None = None) -> int:
 
 
 # -- CLI --------------------------------------------------------------------------------------------------------------------
-
-
-def worker_command(
-    once: Annotated[bool, typer.Option("--once", help="Take at most one job (if any is queued), then exit.")] = False,
-    poll_seconds: Annotated[float, typer.Option("--poll-seconds", min=0.1, help="Seconds between looks at an empty queue.")] = 2.0,
-    max_jobs: Annotated[Optional[int], typer.Option("--max-jobs", min=1, help="Exit after this many jobs.")] = None,
-    job_timeout: Annotated[Optional[float], typer.Option("--job-timeout", min=1.0, help="Seconds before a job is killed and marked failed.")] = None,
-    db: Annotated[Optional[str], typer.Option("--db", help="Database URL or SQLite file (default: $HIE_BENCH_DB_URL, else results/bench.db).")] = None,
-) -> None:
-    """Run the benchmark jobs queued in the web app (Submit page), one at a time."""
-    from bench.settings import BenchSettings
-    from bench.store import Store
-
-    store = Store(db) if db else Store(BenchSettings())  # Store takes a URL or a SQLite file path
-
-    def stop_on_sigterm(_signum, _frame) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
-        jobs = run_worker(store, once=once, poll_seconds=poll_seconds, max_jobs=max_jobs, job_timeout_s=job_timeout, echo=typer.echo)
-    except KeyboardInterrupt:
-        typer.echo("worker stopped")
-        raise typer.Exit(130) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if once and jobs and jobs[-1].status == "failed":
-        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # the child process of run_job: python -m bench.worker JOB_ID

@@ -318,8 +318,9 @@ def test_predictions_missing_a_case_fail_verification(tmp_path: Path, sample: Sa
     masks = _prediction_masks(sample)
     masks.pop(sorted(masks)[0])
     result = uploads.install_upload(_zip(masks), "masks.zip", tmp_path, predictions=uploads.PredictionsCard(name="partial"), dataset_root=sample.dataset)
-    assert result.path is not None and not result.ok
+    assert result.path is None and not result.ok and result.name == "partial"
     assert any("no mask for 1 of 8" in p.message for p in result.problems)
+    assert not (tmp_path / "partial").exists()  # a refused upload claims no name
 
 
 @pytest.mark.parametrize(

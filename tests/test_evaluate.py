@@ -110,3 +110,18 @@ def test_cli_rejects_an_unknown_convention(folders: tuple[Path, Path]) -> None:
     result = CliRunner().invoke(app, ["evaluate", str(preds), str(refs), "--convention", "nonsense"])
     assert result.exit_code == 2
     assert "unknown convention" in result.output
+
+
+def test_official_convention_prints_the_nan_dropping_mean_and_its_count(tmp_path: Path) -> None:
+    """bonbid2023 reproduces the challenge's mean, which drops cases whose MASD is NaN: say how many."""
+    refs, preds = tmp_path / "refs", tmp_path / "preds"
+    write_image(_blob(), GEOMETRY, refs / "c1.nii.gz")
+    write_image(_blob((0, 1, 0)), GEOMETRY, preds / "c1.nii.gz")
+    write_image(_blob(), GEOMETRY, refs / "c2.nii.gz")
+    write_image(np.zeros(GEOMETRY.shape, np.uint8), GEOMETRY, preds / "c2.nii.gz")  # missed: MASD NaN officially
+    result = CliRunner().invoke(app, ["evaluate", str(preds), str(refs), "--convention", "bonbid2023"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "reproduction of the published code" in result.output
+    assert "masd" in result.output and "1 dropped (NaN)" in result.output
+    table = evaluate_folders(preds, refs, convention="bonbid2023", lesion_rule="any_overlap")
+    assert table["masd"].isna().sum() == 1

@@ -10,14 +10,12 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
+from bench.cli.report import export_command, leaderboard_command, report_command
 from bench.report import (
-    export_command,
     export_results,
     fill_synthetic_results,
-    leaderboard_command,
     leaderboard_table,
     render_leaderboard,
-    report_command,
     time_leaderboard,
     write_report,
 )

@@ -19,6 +19,7 @@ from bench.metrics import (
     compute_metrics,
     compute_metrics_with_lesions,
     distance_definition,
+    empty_table,
     lesion_matches,
     surface_distances,
     validate_masks,
@@ -81,8 +82,12 @@ def test_metadata_is_complete_and_consistent():
             assert info.inf_cap is None
     assert METRICS["dice"].higher_is_better and not METRICS["hd95"].higher_is_better
     assert METRICS["pred_volume_ml"].higher_is_better is None
-    assert METRICS["masd"].conventions == ("bench", "deepmind")
+    assert METRICS["masd"].conventions == ("bench", "deepmind", "bonbid2023", "bonbid2024")
+    assert METRICS["nsd"].conventions == ("bench", "deepmind", "bonbid2023", "bonbid2024")
     assert METRICS["assd"].conventions == ("bench", "medpy", "monai")
+    # Only the reproductions of the BONBID-HIE code may return NaN, and only for MASD.
+    assert {key for key, info in METRICS.items() if info.nan_conventions} == {"masd"}
+    assert METRICS["masd"].nan_conventions == ("bonbid2023", "bonbid2024")
     with pytest.raises(dataclasses.FrozenInstanceError):
         METRICS["dice"].unit = "mm"  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -149,7 +154,12 @@ def test_known_surface_distances_of_two_single_voxels():
     for convention in ("bench", "deepmind"):
         assert [results[convention][k] for k in ("hd", "hd95", "assd", "masd")] == [2.5, 2.5, 2.25, 2.25]
     # NSD counts elements at distance <= tolerance: the facing half at exactly 2.0 mm.
-    assert all(result["nsd"] == 0.5 for result in results.values())
+    assert all(results[c]["nsd"] == 0.5 for c in ("bench", "medpy", "monai", "deepmind"))
+    # The BONBID-HIE code gives axis 2 the 1.0 mm of another axis (2023: reversed order, 2024:
+    # in-plane axes swapped): corners 4 and 5 voxels apart become 4 and 5 mm, none within 2 mm.
+    for convention in ("bonbid2023", "bonbid2024"):
+        assert (results[convention]["masd"], results[convention]["nsd"]) == (4.5, 0.0)
+        assert results[convention]["hd"] == 2.5  # HD is not in the published code: "bench" applies
 
 
 def test_speckle_moves_hd95_differently_per_convention():
@@ -215,6 +225,7 @@ EMPTY_CELLS = [
 def test_empty_table_cell(convention, state, key):
     pred, ref = _empty_case(state)
     value = compute_metrics(pred, ref, SPACING, convention=convention)[key]
+    table = empty_table(convention)[state]
     expected = {
         "empty": state,
         "specificity": 1.0 if state != "ref" else 1 - 13 / pred.size,
@@ -224,9 +235,23 @@ def test_empty_table_cell(convention, state, key):
         "lesion_tp": 0,
         "lesion_fp": 2 if state == "ref" else 0,
         "lesion_fn": 2 if state == "pred" else 0,
-        **EMPTY_TABLE[state],
+        **table,
     }[key]
-    assert value == pytest.approx(expected), (convention, state, key)
+    assert value == pytest.approx(expected, nan_ok=True), (convention, state, key)
+
+
+def test_empty_tables_of_the_conventions():
+    """The bonbid conventions differ from EMPTY_TABLE only where the published code does:
+    MASD is NaN when exactly one mask is empty."""
+    for convention in CONVENTIONS:
+        table = empty_table(convention)
+        if convention.startswith("bonbid"):
+            assert table["both"] == EMPTY_TABLE["both"]
+            for state in ("pred", "ref"):
+                assert math.isnan(table[state]["masd"])
+                assert {k: v for k, v in table[state].items() if k != "masd"} == {k: v for k, v in EMPTY_TABLE[state].items() if k != "masd"}
+        else:
+            assert table is EMPTY_TABLE
 
 
 def test_empty_table_contents():
@@ -322,7 +347,11 @@ def test_lesion_matches(multifocal_pair):
     assert (result["lesion_tp"], result["lesion_fp"], result["lesion_fn"]) == (2, 1, 1)
     assert result["lesion_f1"] == pytest.approx(matches.f1) == pytest.approx(4 / 6)
     rows = [dataclasses.asdict(r) for r in matches.reference]
-    assert set(rows[0]) == {"lesion_id", "voxels", "volume_ml", "centroid", "detected"}
+    assert set(rows[0]) == {"lesion_id", "voxels", "volume_ml", "centroid", "detected", "match_rule", "matched_iou", "matched_ids"}
+    assert {r["match_rule"] for r in rows} == {"one_to_one"} and matches.rule == "one_to_one"
+    assert [r.matched_ids for r in matches.reference] == [(2,), (), (3,)]
+    assert matches.reference[0].matched_iou == pytest.approx(18 / 38)  # 2x3x3 shared of 32 + 24 voxels
+    assert matches.reference[2].matched_iou == pytest.approx(12 / 60)  # inside a 3x5x4 component
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
@@ -341,13 +370,18 @@ def test_lesions_use_26_connectivity():
     assert len(matches.reference) == 1 and matches.tp == 1 and matches.fn == 0
 
 
-def test_one_component_overlapping_two_lesions_detects_both():
+def test_one_component_overlapping_two_lesions_detects_both_only_under_many_to_many_rules():
     ref = np.zeros((3, 3, 9), bool)
     ref[1, 1, 1:3] = ref[1, 1, 6:8] = True
     pred = np.zeros_like(ref)
     pred[1, 1, 1:8] = True
-    result = compute_metrics(pred, ref, SPACING)
-    assert (result["lesion_tp"], result["lesion_fp"], result["lesion_fn"], result["lesion_f1"]) == (2, 0, 0, 1.0)
+    counts = ("lesion_tp", "lesion_fp", "lesion_fn", "lesion_f1")
+    result = compute_metrics(pred, ref, SPACING, lesion_rule="any_overlap")
+    assert tuple(result[k] for k in counts) == (2, 0, 0, 1.0)
+    result = compute_metrics(pred, ref, SPACING, lesion_rule="min_iou")  # IoU 2/7 each
+    assert tuple(result[k] for k in counts) == (2, 0, 0, 1.0)
+    result = compute_metrics(pred, ref, SPACING)  # one_to_one: a merge finds one of the two
+    assert tuple(result[k] for k in counts) == (1, 0, 1, pytest.approx(2 / 3))
 
 
 def test_lesion_matches_with_empty_masks():

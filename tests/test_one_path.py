@@ -86,3 +86,17 @@ def test_fitted_predictor_without_export_is_guarded(synthetic_dataset) -> None:
     with pytest.raises(InvalidPrediction, match="values other than 0 and 1"):
         FittedPredictor(Peeking()).predict(case)
     assert seen == [(None, {})], "the model never sees the label path or the metadata"
+
+
+def test_prediction_paths_are_absolute_whatever_the_working_folder(synthetic_dataset, tmp_path: Path, monkeypatch) -> None:
+    """Friction 3: an app started elsewhere must find the masks the run wrote."""
+    from bench.harness import RunSpec, run_benchmark
+    from bench.store import Store
+
+    monkeypatch.chdir(tmp_path)
+    spec = RunSpec(submission=REPO / "submissions" / "zadc-threshold", dataset=synthetic_dataset.root, protocol="loso",
+                   results_dir=Path("results"), db_url=f"sqlite:///{tmp_path / 'bench.db'}")
+    run_benchmark([spec])
+    paths = Store.from_url(spec.db_url).case_results_frame(details=True)["prediction_path"]
+    assert len(paths) == len(synthetic_dataset.cases)
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in paths)

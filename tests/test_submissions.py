@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from bench.data.dataset import Case
 from bench.imageio import write_image
 from bench.preprocess import PreprocessingConfig
-from bench.submission_cli import app
+from bench.cli.submission import app
 from bench.submissions import (
     PROBE_CASE_ID,
     ArchiveError,
@@ -419,7 +419,7 @@ def test_predictions_on_the_wrong_grid_or_with_labels_are_rejected(tmp_path: Pat
 @pytest.mark.parametrize("kind", ["python", "predictions"])
 def test_new_scaffolds_a_folder_that_verifies_cli(tmp_path: Path, kind: str) -> None:
     runner = CliRunner()
-    result = runner.invoke(app, ["new", f"my-{kind}", "--kind", kind, "--dir", str(tmp_path), "--author", "Ada"])
+    result = runner.invoke(app, ["new", f"my-{kind}", "--kind", kind, "--dir", str(tmp_path), "--author", "Ada", "--description", "A test model."])
     assert result.exit_code == 0, result.output
     folder = tmp_path / f"my-{kind}"
     assert load_submission(folder).manifest.authors == ["Ada"]
@@ -429,7 +429,7 @@ def test_new_scaffolds_a_folder_that_verifies_cli(tmp_path: Path, kind: str) -> 
 
 @pytest.mark.parametrize("kind", ["torchscript", "onnx"])
 def test_network_scaffolds_verify_and_find_the_lesions(tmp_path: Path, kind: str, probe: Case) -> None:
-    folder = scaffold_submission(f"net-{kind}", kind, tmp_path)
+    folder = scaffold_submission(f"net-{kind}", kind, tmp_path, authors=["Ada"], description="A test model.")
     # In this process: the worker start-up (torch + MONAI imports) is covered by the python-kind tests.
     assert verify_submission(folder, isolate=False) == []
     with load_submission(folder).predictor(isolate=False) as predictor:

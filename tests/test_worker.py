@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from bench.app import queries, uploads
 from bench.app.sample import SampleResults, sample_results
 from bench.store import Store
-from bench.worker import job_log_path, run_job, run_worker, worker_command
+from bench.cli.worker import worker_command
+from bench.worker import job_log_path, run_job, run_worker
 
 
 @pytest.fixture(scope="session")

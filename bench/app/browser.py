@@ -52,6 +52,12 @@ class TourReport:
     viewer_images: int = 0
     image_captions: list[str] = field(default_factory=list)
     url: str = ""
+    #: Address of the leaderboard after it loaded (the scope is in it).
+    leaderboard_url: str = ""
+    #: Every URL the browser requested (the app must need no other host).
+    requests: list[str] = field(default_factory=list)
+    #: ``href`` of the page's icon link, as the browser resolved it.
+    favicon: str = ""
 
 
 def free_port() -> int:
@@ -128,12 +134,15 @@ def tour(
         try:
             page = browser.new_page()
             page.set_default_timeout(30_000)
+            page.on("request", lambda request: report.requests.append(request.url))
 
             page.goto(url)  # the leaderboard is the default page, at the root
             page.get_by_role("heading", name="Leaderboard").wait_for()
             page.locator('[data-testid="stDataFrame"]').first.wait_for()
             page.get_by_text("is better.").first.wait_for()
             _settle(page)
+            report.leaderboard_url = page.url
+            report.favicon = page.evaluate("() => document.querySelector(\"link[rel*='icon']\")?.href ?? ''")
             report.screenshots["leaderboard"] = _screenshot(page, out_dir, "leaderboard")
 
             page.get_by_role("link", name="Cases").click()

@@ -14,6 +14,8 @@ default) or its ``best`` run on the ranking metric.
 
 from __future__ import annotations
 
+from bench.constants import CROSS_VALIDATION_PROTOCOLS
+
 import hashlib
 import math
 from collections.abc import Sequence
@@ -31,7 +33,11 @@ RunChoice = Literal["latest", "best"]
 #: How the runs of one submission are reduced to one: the latest, or the best on the ranking metric.
 RUN_CHOICES: tuple[RunChoice, ...] = ("latest", "best")
 #: Readable names of the protocols.
-PROTOCOL_LABELS: dict[str, str] = {"kfold": "k-fold cross-validation", "loso": "leave-one-site-out"}
+PROTOCOL_LABELS: dict[str, str] = {
+    "kfold": "k-fold cross-validation",
+    "loso": "leave-one-site-out",
+    "holdout": "held-out test split (set beside a challenge leaderboard)",
+}
 #: Metrics shown beside the ranking metric in the case table (when the database has them).
 CASE_TABLE_METRICS: tuple[str, ...] = ("dice", "hd95", "lesion_f1", "lesion_tp", "lesion_fn", "lesion_fp", "ref_volume_ml", "pred_volume_ml")
 #: Version string of a database without results tables.
@@ -86,6 +92,30 @@ def scopes(store: Store) -> pd.DataFrame:
         n_submissions=("submission_hash", "nunique"), n_runs=("run_id", "nunique"), n_cases=("n_cases", "sum"), last_run=("started_at", "max")
     )
     return grouped.reset_index().sort_values(["last_run", "dataset", "protocol"], ascending=[False, True, True], ignore_index=True)[columns]
+
+
+def dataset_versions(scope_table: pd.DataFrame) -> list[str]:
+    """The dataset versions of a :func:`scopes` table in the app's order; the first is the default.
+
+    By dataset name, then, among versions of one name, the one with the most runs first (then by
+    version). The default therefore stays put when results are added to another dataset, where "the
+    latest written" would jump to whatever ran last.
+    """
+    if scope_table.empty:
+        return []
+    per_version = scope_table.groupby(["dataset", "dataset_version"], observed=True, sort=False)["n_runs"].sum().reset_index()
+    ordered = per_version.sort_values(["dataset", "n_runs", "dataset_version"], ascending=[True, False, True])
+    return ordered["dataset_version"].astype(str).tolist()
+
+
+def ranked_submissions(frame: pd.DataFrame, metric: str) -> list[str]:
+    """Submission labels of a case frame, best first on ``metric``: the leaderboard's aggregate-then-rank
+    (:func:`bench.stats.rankings`), without the bootstrap a full leaderboard adds for its intervals."""
+    from bench import stats
+
+    if frame.empty:
+        return []
+    return stats.rankings(_plain_labels(frame), metric)["submission"].astype(str).tolist()
 
 
 def rankable_metrics() -> list[str]:
@@ -297,7 +327,7 @@ def generalization(frame_both_protocols: pd.DataFrame, metric: str, *, n_boot: i
     from bench import stats
 
     protocols = set(frame_both_protocols["protocol"].astype(str)) if not frame_both_protocols.empty else set()
-    if not {"kfold", "loso"} <= protocols:
+    if not set(CROSS_VALIDATION_PROTOCOLS) <= protocols:
         return pd.DataFrame(columns=["submission", "site", "n", "internal_mean", "external_mean", "gap", "gap_lo", "gap_hi"])
     plain = _plain_labels(frame_both_protocols).assign(protocol=frame_both_protocols["protocol"].astype(str))
     return stats.generalization_gap(plain, metric, n_boot=n_boot, seed=seed)

@@ -22,6 +22,8 @@ benchmarks three submissions with :func:`bench.harness.run_benchmark` under both
 
 from __future__ import annotations
 
+from bench.constants import CROSS_VALIDATION_PROTOCOLS
+
 import json
 import shutil
 import sys
@@ -74,7 +76,7 @@ def build_sample_results(root: str | Path, *, cases: int = 8, sites: int = 2, fo
     specs = [
         RunSpec(submission=path, dataset=dataset_dir, protocol=protocol, folds=folds, seed=seed, results_dir=results_dir, db_url=db_url)
         for path in submissions.values()
-        for protocol in ("kfold", "loso")
+        for protocol in CROSS_VALIDATION_PROTOCOLS
     ]
     by_run = run_benchmark(specs)
     return SampleResults(root, dataset_dir, submissions, results_dir, db_url, tuple(by_run))
@@ -109,7 +111,10 @@ def _baseline(submissions_dir: Path) -> Path:
     from bench.submissions import scaffold_submission
 
     target = submissions_dir / "zadc-threshold"
-    return target if target.is_dir() else scaffold_submission("zadc-threshold", "python", submissions_dir, authors=["HIE-Bench developers"])
+    if target.is_dir():
+        return target
+    description = "The BONBID-HIE baseline: lesion = Z-ADC < -2 inside the brain."
+    return scaffold_submission("zadc-threshold", "python", submissions_dir, authors=["HIE-Bench developers"], description=description)
 
 
 def _predictions_submission(submissions_dir: Path, name: str, dataset, make_mask, description: str) -> Path:

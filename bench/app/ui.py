@@ -4,6 +4,15 @@ Caching: every query goes through ``st.cache_data`` keyed by the database URL, a
 (:func:`bench.app.queries.data_version`, re-read at most every few seconds) and the query's own
 arguments. New results therefore show up on the next interaction, and repeated views of the same
 table cost a dictionary lookup. The engine of each URL is one ``st.cache_resource``.
+
+The address holds the view: the scope (``?dataset=&protocol=&convention=&runs=``, see
+:data:`SCOPE_PARAMETERS`), the Cases page's ``submission`` and ``case``, and ``db`` when it was chosen
+with ``?db=``. Copying the address reproduces what is on screen. Without a parameter the default is
+stable: the first dataset by name (:func:`bench.app.queries.dataset_versions`), the first protocol,
+and on the Cases page the submission ranked first.
+
+Nothing the app shows comes from another host: the page icon is an emoji, drawn by the browser
+(a ``:material/...:`` page icon would make the browser fetch its picture from a font server).
 """
 
 from __future__ import annotations
@@ -33,8 +42,14 @@ _DB_KEY = "_hie_bench_db"
 VERSION_TTL_S = 3
 #: Bootstrap resamples of the confidence intervals shown (as ``bench leaderboard``).
 N_BOOT = 1000
-#: Plotly colours of the submissions (Okabe-Ito, then Plotly's defaults).
-PALETTE: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+#: The browser tab's icon: an emoji, rendered locally (works offline).
+PAGE_ICON = "🧠"
+#: Query parameter -> widget key of the sidebar's scope (the widget keys are what pages and tests use).
+SCOPE_PARAMETERS: dict[str, str] = {"dataset": "scope_dataset", "protocol": "scope_protocol", "convention": "scope_convention", "runs": "scope_runs"}
+#: Widget key of the Leaderboard page's ranking metric (the Cases page orders submissions by it).
+LEADERBOARD_METRIC_KEY = "board_metric"
+#: Session key prefix of the value this session last wrote into the address, per query parameter.
+_WRITTEN_KEY = "_hie_bench_url::"
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,7 @@ def run_app(argv: Sequence[str] = ()) -> None:
 
     ``argv``: the arguments after ``--`` of ``streamlit run app.py -- --db URL``.
     """
-    st.set_page_config(page_title="HIE-Bench", page_icon=":material/neurology:", layout="wide")
+    st.set_page_config(page_title="HIE-Bench", page_icon=PAGE_ICON, layout="wide")
     st.session_state[_ARGV_KEY] = list(argv)
     page = st.navigation(
         {
@@ -85,6 +100,8 @@ def current_source() -> AppSource:
     if given:
         st.session_state[_DB_KEY] = given
     chosen = st.session_state.get(_DB_KEY)
+    if chosen:
+        write_to_url(DB_PARAMETER, chosen)  # a page switch drops it from the address; a copied link needs it
     return resolve_source({DB_PARAMETER: chosen} if chosen else {}, st.session_state.get(_ARGV_KEY, []))
 
 
@@ -169,6 +186,12 @@ def leaderboard(url: str, version: str, scope: tuple[str, str, str], metrics: tu
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
+def ranked_submissions(url: str, version: str, scope: tuple[str, str, str], metric: str, run_choice: str) -> list[str]:
+    """Submission labels of the scope, best first on ``metric`` (the leaderboard's order)."""
+    return queries.ranked_submissions(case_frame(url, version, scope, (metric,), run_choice, details=False), metric)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
 def site_summary(url: str, version: str, scope: tuple[str, str, str], metric: str, run_choice: str, n_boot: int = N_BOOT) -> pd.DataFrame:
     return queries.site_summary(case_frame(url, version, scope, (metric,), run_choice, details=False), metric, n_boot=n_boot)
 
@@ -215,18 +238,18 @@ def dataset_root(ctx: Context, dataset_version: str) -> Path | None:
 def scope_sidebar(ctx: Context, *, choose_protocol: bool = True) -> tuple[str, str, str]:
     """The sidebar: dataset, protocol (k-fold / leave-one-site-out), convention and which run counts.
 
-    Returns the scope as (dataset version, protocol, convention). Values persist across pages for the whole session.
+    Returns the scope as (dataset version, protocol, convention). Values persist across pages for the
+    whole session and are written into the address (:data:`SCOPE_PARAMETERS`); an address holding
+    other values (a shared link) sets them.
     """
     table = scopes(ctx.url, ctx.version)
     with st.sidebar:
         st.markdown("**Scope**")
-        labels = {row.dataset_version: f"{row.dataset} · {row.dataset_version}" for row in table.itertuples()}
-        keep_valid("scope_dataset", labels)
-        dataset_version = st.selectbox("Dataset", list(labels), format_func=labels.__getitem__, key="scope_dataset", persist_state="session")
+        dataset_version = _dataset_picker(table)
         here = table[table["dataset_version"] == dataset_version]
         known = list(queries.PROTOCOL_LABELS)
         protocols = sorted(set(here["protocol"]), key=lambda p: (known.index(p) if p in known else len(known), p))
-        keep_valid("scope_protocol", protocols)
+        url_choice("protocol", protocols)
         if choose_protocol:
             protocol = st.radio(
                 "Protocol",
@@ -238,14 +261,17 @@ def scope_sidebar(ctx: Context, *, choose_protocol: bool = True) -> tuple[str, s
             )
         else:
             protocol = st.session_state.get("scope_protocol") if st.session_state.get("scope_protocol") in protocols else protocols[0]
+        write_to_url("protocol", protocol)
         conventions = sorted(set(here.loc[here["protocol"] == protocol, "convention"]))
-        keep_valid("scope_convention", conventions)
+        url_choice("convention", conventions)
         convention = (
             st.selectbox("Metric convention", conventions, key="scope_convention", persist_state="session")
             if len(conventions) > 1
             else conventions[0]
         )
-        st.radio(
+        write_to_url("convention", convention)
+        url_choice("runs", queries.RUN_CHOICES)
+        choice = st.radio(
             "Run of each submission",
             queries.RUN_CHOICES,
             format_func={"latest": "latest run", "best": "best run (on the ranking metric)"}.__getitem__,
@@ -253,8 +279,51 @@ def scope_sidebar(ctx: Context, *, choose_protocol: bool = True) -> tuple[str, s
             persist_state="session",
             help="A submission rerun with another code version or preprocessing has several runs.",
         )
+        write_to_url("runs", choice)
         database_caption(ctx)
     return (dataset_version, protocol, convention)
+
+
+def _dataset_picker(table: pd.DataFrame) -> str:
+    """The dataset select box, in the stable order of :func:`bench.app.queries.dataset_versions`; the
+    address may name a dataset by version or by name (then its first version in that order)."""
+    versions = queries.dataset_versions(table)
+    names = dict(zip(table["dataset_version"].astype(str), table["dataset"].astype(str)))
+    by_name: dict[str, str] = {}
+    for version in versions:
+        by_name.setdefault(names[version], version)
+    url_choice("dataset", versions, aliases=by_name)
+    dataset_version = st.selectbox(
+        "Dataset", versions, format_func=lambda v: f"{names[v]} · {v}", key="scope_dataset", persist_state="session",
+        help="Ordered by name; the first one opens unless the address names another (?dataset=NAME or VERSION).",
+    )
+    write_to_url("dataset", dataset_version)
+    return dataset_version
+
+
+def url_choice(parameter: str, options: Sequence[Any], *, key: str | None = None, aliases: dict[str, Any] | None = None) -> None:
+    """Prepare the widget of ``?parameter=`` before it is drawn: forget a remembered value that is no
+    longer an option, and take the address's value when it is one this session did not write itself
+    (a shared link or an edited address), so that the user's own clicks are never overridden.
+
+    ``key``: the widget's key (default: from :data:`SCOPE_PARAMETERS`, else the parameter's name).
+    """
+    key = key or SCOPE_PARAMETERS.get(parameter, parameter)
+    keep_valid(key, options)
+    given = st.query_params.get(parameter)
+    if given is None or given == st.session_state.get(_WRITTEN_KEY + parameter):
+        return
+    value = (aliases or {}).get(given, given)
+    if value in options:
+        st.session_state[key] = value
+
+
+def write_to_url(parameter: str, value: Any) -> None:
+    """Show ``value`` in the address as ``?parameter=value`` (and remember it was this session's own)."""
+    text = str(value)
+    if st.query_params.get(parameter) != text:
+        st.query_params[parameter] = text
+    st.session_state[_WRITTEN_KEY + parameter] = text
 
 
 def keep_valid(key: str, options: Sequence[Any] | dict) -> None:
@@ -262,6 +331,14 @@ def keep_valid(key: str, options: Sequence[Any] | dict) -> None:
     database was chosen), so the widget falls back to its default instead of failing."""
     if key in st.session_state and st.session_state[key] not in options:
         del st.session_state[key]
+
+
+def ranking_metric() -> str:
+    """The metric the Leaderboard page ranks by in this session (its default until it is changed)."""
+    from bench.report import DEFAULT_METRICS
+
+    chosen = st.session_state.get(LEADERBOARD_METRIC_KEY)
+    return chosen if chosen in queries.rankable_metrics() else DEFAULT_METRICS[0]
 
 
 def run_choice() -> str:
@@ -298,8 +375,11 @@ def fmt(value: Any) -> str:
 
 
 def colour_map(labels: Sequence[str]) -> dict[str, str]:
-    """A stable colour per submission label."""
-    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(sorted(labels))}
+    """The colour of each submission label: :func:`bench.report.submission_colours`, the function the
+    HTML report uses too (pass every submission of the scope, so each colour is the same on every page)."""
+    from bench.report import submission_colours
+
+    return submission_colours(labels)
 
 
 def plotly_layout(fig: Any, *, height: int = 380, **kwargs: Any) -> Any:

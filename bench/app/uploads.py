@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 #: Folder name of the masks inside a wrapped predictions submission.
 PREDICTIONS_FOLDER = "predictions"
+#: Label of the Submit page's checkbox that lets an upload replace an earlier one of the same name
+#: (named here too, so that the problem raised by a name clash can point at it).
+REPLACE_LABEL = "Replace an earlier upload with the same name"
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,28 @@ class UploadResult:
 def has_manifest(data: bytes) -> bool:
     """Whether a zip holds ``submission.yaml`` at its top or inside its single top-level folder."""
     from bench.submissions import MANIFEST_NAME
+    from bench.submissions.archive import declared_entries_in
 
     try:
+        if (declared_entries_in(data) or 0) > UploadLimits().max_files:
+            # Too many members to list safely: treat it as a submission archive, which
+            # add_submission_archive then refuses (with the count) before parsing its directory.
+            return True
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = [PurePosixPath(n.replace("\\", "/")) for n in archive.namelist() if not n.startswith("__MACOSX/")]
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         return False
     return any(name.name == MANIFEST_NAME and len(name.parts) <= 2 for name in names)
+
+
+def staged_name(filename: str) -> str:
+    """The name the upload is saved under while it is checked: the browser's file name when it is a
+    plain file name (it appears in messages), else ``upload.zip`` (the name comes from the browser:
+    ``..``, NUL or a path must never become a path here)."""
+    from bench.ids import file_name_problem
+
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    return name if file_name_problem(name) is None else "upload.zip"
 
 
 def install_upload(
@@ -113,7 +131,8 @@ def install_upload(
         replace: Overwrite an uploaded submission of the same name.
 
     Returns every problem (archive safety, manifest, files, masks) as
-    :class:`bench.submissions.Problem` rows; nothing is left on disk when the archive is refused.
+    :class:`bench.submissions.Problem` rows. A refused upload (any error) leaves nothing on disk and
+    claims no name: ``path`` is ``None`` and the same name can be uploaded again once fixed.
     """
     from bench.submissions import ArchiveError, ArchiveLimits, Problem, SubmissionError, add_submission_archive, load_submission
 
@@ -133,16 +152,52 @@ def install_upload(
     uploads_dir = Path(uploads_dir)
     uploads_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".upload-", dir=uploads_dir) as staging:
-        archive = Path(staging) / Path(filename).name
+        archive = Path(staging) / staged_name(filename)
         archive.write_bytes(data)
         try:
-            path, problems = add_submission_archive(
-                archive, uploads_dir, limits=ArchiveLimits(max_total_bytes=limits.max_unpacked_bytes, max_files=limits.max_files), replace=replace
+            # Unpacked and verified inside the private staging folder: the submission's name is claimed
+            # only by an upload that passed, so a refused one can be fixed and uploaded again as it is.
+            unpacked, problems = add_submission_archive(
+                archive, Path(staging) / "unpacked", limits=ArchiveLimits(max_total_bytes=limits.max_unpacked_bytes, max_files=limits.max_files)
             )
         except (ArchiveError, SubmissionError) as exc:
             return UploadResult(None, list(exc.problems))
-    submission = load_submission(path)
-    return UploadResult(path, problems + verify_without_code(path, dataset_root=dataset_root), kind=submission.kind, name=submission.name)
+        submission = load_submission(unpacked)
+        problems += verify_without_code(unpacked, dataset_root=dataset_root)
+        path = None
+        if not any(p.severity == "error" for p in problems):
+            path, clash = claim_name(unpacked, uploads_dir / submission.name, replace=replace)
+            problems += [clash] if clash else []
+    return UploadResult(path, problems, kind=submission.kind, name=submission.name)
+
+
+def claim_name(folder: Path, target: Path, *, replace: bool) -> tuple[Path | None, Problem | None]:
+    """Move a verified upload to ``target`` (``<uploads>/<name>``) in one rename; returns (path, problem).
+
+    An earlier upload of that name stays unless ``replace``; the problem returned then names the page's
+    checkbox (:data:`REPLACE_LABEL`), the control a person in the browser has, not a CLI flag.
+    """
+    import shutil
+
+    from bench.submissions import Problem
+
+    clash = Problem("error", target.name, "a submission with this name already exists",
+                    f"tick '{REPLACE_LABEL}' above and check again, or change the name")
+    if target.exists() and not replace:
+        return None, clash
+    retired = Path(tempfile.mkdtemp(prefix=".replaced-", dir=target.parent))
+    try:
+        if target.exists():
+            target.rename(retired / target.name)
+        try:
+            folder.rename(target)
+        except OSError:  # another session claimed the name between the check and the rename
+            if (retired / target.name).exists() and not target.exists():
+                (retired / target.name).rename(target)
+            return None, clash
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+    return target, None
 
 
 def verify_without_code(path: str | Path, *, dataset_root: str | Path | None = None) -> list[Problem]:
@@ -163,48 +218,69 @@ def verify_without_code(path: str | Path, *, dataset_root: str | Path | None = N
 def wrap_predictions(data: bytes, filename: str, card: PredictionsCard, limits: UploadLimits = UploadLimits()) -> bytes:
     """A submission archive (``submission.yaml`` + ``predictions/``) made from a zip of masks.
 
-    Every member is checked with :func:`bench.submissions.archive.member_problem` before it is read;
-    masks may sit in sub-folders (they are flattened), other files are left out.
+    The card's name must be a safe submission name (:func:`bench.ids.check_submission_name`), and the
+    whole directory passes :func:`bench.submissions.archive.archive_problems` (names, links, counts,
+    sizes, clashes) before any member is read; masks may sit in sub-folders (they are flattened), other
+    files are left out, and each mask must be named after a safe case id. Each mask is copied in chunks
+    with its CRC and declared size checked.
 
     Raises:
-        ArchiveError: an unsafe member, too many files or bytes, two masks with the same name, or no mask.
+        ArchiveError: a bad name, an unsafe or damaged member, too many files or bytes, two masks with
+            the same name, or no mask.
     """
     import yaml
 
-    from bench.imageio import strip_image_suffix
-    from bench.submissions import MANIFEST_NAME, ArchiveError, Problem
-    from bench.submissions.archive import member_problem
+    from bench.ids import IdentifierError, check_submission_name
+    from bench.submissions import MANIFEST_NAME, ArchiveError, ArchiveLimits, Problem
+    from bench.submissions.archive import archive_problems, copy_member, declared_entries_in, is_ignored
 
-    where = Path(filename)
+    where = Path(staged_name(filename))
+    try:
+        check_submission_name(card.name, "the predictions form")
+    except IdentifierError as exc:
+        raise ArchiveError(where, [Problem("error", "name", f"{ascii(card.name)} {exc.reason}",
+                                           "use 1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit")]) from exc
+    entries = declared_entries_in(data)
+    if entries is not None and entries > limits.max_files:
+        raise ArchiveError(where, [Problem("error", where.name, f"declares {entries} members, more than the limit of {limits.max_files}", "upload fewer files")])
     with zipfile.ZipFile(io.BytesIO(data)) as source:
-        infos = [info for info in source.infolist() if not info.filename.startswith("__MACOSX/")]
-        problems = [p for p in map(member_problem, infos) if p is not None]
-        if len(infos) > limits.max_files:
-            problems.append(Problem("error", filename, f"{len(infos)} files, more than the limit of {limits.max_files}", "upload fewer files"))
-        total = sum(info.file_size for info in infos)
-        if total > limits.max_unpacked_bytes:
-            problems.append(Problem("error", filename, f"unpacks to {total:,} bytes, more than the limit of {limits.max_unpacked_bytes:,}",
-                                    "upload compressed masks (.nii.gz)"))
+        infos = [info for info in source.infolist() if not is_ignored(info)]
+        archive_limits = ArchiveLimits(max_total_bytes=limits.max_unpacked_bytes, max_files=limits.max_files)
+        problems = archive_problems(where.name, infos, archive_limits, fix_limits=" (upload fewer files, or compressed masks: .nii.gz)")
         if problems:
-            raise ArchiveError(where, problems)
-        masks: dict[str, zipfile.ZipInfo] = {}
-        for info in infos:
-            base = PurePosixPath(info.filename.replace("\\", "/")).name
-            if info.is_dir() or strip_image_suffix(base) is None:
-                continue
-            if base in masks:
-                raise ArchiveError(where, [Problem("error", info.filename, f"a second mask named {base}", "keep one mask per case id")])
-            masks[base] = info
-        if not masks:
-            raise ArchiveError(where, [Problem("error", filename, "holds no mask files (.nii.gz, .nii, .mha, .nrrd)",
-                                               "zip one mask per case named <case_id>.nii.gz")])
-        out = io.BytesIO()
+            raise ArchiveError(where, problems[:20])
+        masks = _mask_members(where, infos)
+        out, budget = io.BytesIO(), limits.max_unpacked_bytes
         with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as target:
             target.writestr(MANIFEST_NAME, yaml.safe_dump(card.manifest(), sort_keys=False))
             for base, info in sorted(masks.items()):
-                # zipfile stops reading at the declared size, which the checks above bounded.
-                target.writestr(f"{PREDICTIONS_FOLDER}/{base}", source.read(info))
+                with target.open(f"{PREDICTIONS_FOLDER}/{base}", "w") as destination:
+                    budget -= copy_member(where, source, info, destination, budget)
     return out.getvalue()
+
+
+def _mask_members(where: Path, infos: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+    """Mask file name -> member: image files only, each named ``<safe case id><image suffix>``, each once."""
+    from bench.ids import identifier_problem
+    from bench.imageio import strip_image_suffix
+    from bench.submissions import ArchiveError, Problem
+
+    masks: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        base = PurePosixPath(info.filename.replace("\\", "/")).name
+        case_id = strip_image_suffix(base)
+        if info.is_dir() or case_id is None:
+            continue
+        if (reason := identifier_problem(case_id)) is not None:
+            raise ArchiveError(where, [Problem("error", info.filename, f"mask name {ascii(base)} is not <case_id>.nii.gz: the case id {reason}",
+                                               "name each mask after its case id, e.g. case_001.nii.gz")])
+        if base in masks:
+            raise ArchiveError(where, [Problem("error", info.filename, f"a second mask named {base}", "keep one mask per case id")])
+        masks[base] = info
+    if not masks:
+        raise ArchiveError(where, [Problem("error", where.name, "holds no mask files (.nii.gz, .nii, .mha, .nrrd)",
+                                           "zip one mask per case named <case_id>.nii.gz")])
+    return masks
 
 
 # -- datasets and the queue ----------------------------------------------------------------------------------------

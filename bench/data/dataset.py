@@ -8,7 +8,7 @@ A dataset is a folder in nnU-Net v2 *raw* layout plus a ``cases.csv`` table::
         imagesTr/<case>_0001.nii.gz  channel 1: Z-ADC (deviation from a normative ADC atlas)
         labelsTr/<case>.nii.gz       binary lesion mask
         cases.csv                    one row per case: case_id, site, ... (see CASE_COLUMNS)
-        splits.json                  the cross-validation folds (k-fold and leave-one-site-out)
+        splits.json                  the evaluation folds (k-fold, leave-one-site-out, holdout)
 
 Nothing outside :mod:`bench.data` globs these file names: the harness, preprocessing, models and the
 app all receive :class:`Case` objects, which load their arrays lazily. The names themselves live in
@@ -21,21 +21,32 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from bench.data import layout
+from bench.ids import IdentifierError, check_identifier
 from bench.imageio import Geometry, ImageError, read_geometry, read_image
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+    from bench.constants import ProtocolName
     from bench.data.splits import Fold
 
 
 class DatasetError(ValueError):
     """A dataset folder is missing files or its files disagree; the message names the file."""
+
+
+class DatasetVersionError(DatasetError):
+    """The dataset's files no longer hash to its stored version (:meth:`Dataset.verify_version`)."""
+
+
+#: File name of :meth:`Dataset.verify_version`'s digest cache inside a dataset folder (hidden; not content).
+VERSION_CACHE = ".hie-bench-digests.json"
+_CACHE_FORMAT = 1
 
 
 #: Columns of ``cases.csv`` every dataset has; importers and the generator fill them all.
@@ -136,27 +147,13 @@ class Dataset:
             channel_names = tuple(str(names[str(i)]) for i in range(len(names)))
         except KeyError as exc:
             raise DatasetError(f"{dataset_json}: channel_names keys must be 0..{len(names) - 1}, missing {exc}") from None
-        file_ending = str(meta.get("file_ending", layout.FILE_ENDING))
+        try:
+            file_ending = layout.check_file_ending(str(meta.get("file_ending", layout.FILE_ENDING)), str(dataset_json))
+        except layout.LayoutError as exc:
+            raise DatasetError(str(exc)) from None
         table = layout.read_case_table(cases_csv, DatasetError)
-        cases = []
-        for row in table.to_dict(orient="records"):
-            case_id = row["case_id"]
-            images = tuple(layout.image_path(root, case_id, i, file_ending) for i in range(len(channel_names)))
-            for path in images:
-                if not path.is_file():
-                    raise DatasetError(f"{path}: image of case {case_id} listed in {cases_csv} is missing")
-            label = layout.label_path(root, case_id, file_ending)
-            cases.append(
-                Case(
-                    case_id=case_id,
-                    site=str(row["site"]),
-                    image_paths=images,
-                    label_path=label if label.is_file() else None,
-                    channel_names=channel_names,
-                    metadata={k: _plain(v) for k, v in row.items() if k not in ("case_id", "site")},
-                )
-            )
-        return cls(root=root, name=root.name, channel_names=channel_names, cases=tuple(cases), file_ending=file_ending)
+        cases = tuple(_load_case(root, line, row, channel_names, file_ending) for line, row in enumerate(table.to_dict(orient="records"), start=2))
+        return cls(root=root, name=root.name, channel_names=channel_names, cases=cases, file_ending=file_ending)
 
     def __iter__(self) -> Iterator[Case]:
         return iter(self.cases)
@@ -202,19 +199,53 @@ class Dataset:
 
     def compute_version(self) -> str:
         """Re-hash every image and label (seconds for a full-size dataset): the check behind ``bench data verify``."""
+        return self._hash_version(lambda path, is_label: _file_digest(path, is_label))
+
+    def verify_version(self, cache: str | Path | None = None) -> str:
+        """Check that the files still hash to the stored :attr:`version`, cheaply; return the version.
+
+        The content version is recomputed as :meth:`compute_version` does, but each file's digest is
+        taken from a cache when the file's ``(size, mtime_ns, ctime_ns, inode, device)`` are unchanged, so
+        a repeated check costs one ``stat`` per file (an edit, a copy or a restore always changes
+        ``ctime``). The cache is JSON at ``cache`` (default ``<root>/`` :data:`VERSION_CACHE`); when it
+        cannot be written (a read-only dataset) the check still runs, uncached.
+
+        Raises:
+            DatasetVersionError: the files (images, labels, ``cases.csv`` sites, ``splits.json``) no
+                longer hash to the stored version; the message names the dataset and the fix.
+            DatasetError: a file cannot be read.
+        """
+        cache_path = Path(cache) if cache is not None else self.root / VERSION_CACHE
+        entries = _read_digest_cache(cache_path)
+        used: dict[str, list[Any]] = {}
+
+        def digest(path: Path, is_label: bool) -> str:
+            key = path.relative_to(self.root).as_posix()
+            stamp = _stat_stamp(path)
+            cached = entries.get(key)
+            value = cached[-1] if isinstance(cached, list) and cached[:-1] == stamp else _file_digest(path, is_label)
+            used[key] = [*stamp, value]
+            return value
+
+        actual = self._hash_version(digest)
+        if used != entries:
+            _write_digest_cache(cache_path, used)
+        stored = self.metadata.get("hie_bench", {}).get("version") if isinstance(self.metadata.get("hie_bench"), Mapping) else None
+        if stored and str(stored) != actual:
+            raise DatasetVersionError(
+                f"{self.root / layout.DATASET_JSON}: stored version {stored} but the files hash to {actual}: images, labels, "
+                f"cases.csv or splits.json changed after the dataset was written (fix: restore the original files, or write the "
+                f"edited data as a new dataset with 'bench data import', which gives it its own version; 'bench data verify {self.name}' "
+                "lists other problems)"
+            )
+        return actual
+
+    def _hash_version(self, digest: Callable[[Path, bool], str]) -> str:
+        """The content version with each file's digest from ``digest(path, is_label)``."""
         digests = []
         for case in self.cases:
-            file_digests = []
-            for path in (*case.image_paths, case.label_path):
-                if path is None:
-                    file_digests.append("no-label")
-                    continue
-                array, geometry = _read_case_file(path)
-                if path == case.label_path:
-                    array = array.astype(np.uint8, copy=False)
-                else:
-                    array = array.astype(np.float32, copy=False)
-                file_digests.append(layout.array_digest(array, geometry))
+            file_digests = [digest(path, False) for path in case.image_paths]
+            file_digests.append("no-label" if case.label_path is None else digest(case.label_path, True))
             digests.append((case.case_id, case.site, layout.case_digest(file_digests)))
         return layout.dataset_version(digests, self.channel_names, self.stored_splits())
 
@@ -223,11 +254,17 @@ class Dataset:
         path = self.root / layout.SPLITS_JSON
         return _read_json(path) if path.is_file() else None
 
-    def splits(self, protocol: Literal["kfold", "loso"] = "kfold", k: int = 5, seed: int = 0) -> list["Fold"]:
-        """Cross-validation folds: the stored ones from ``splits.json`` when they were made with this ``k``
-        and ``seed``, else computed (deterministically) with :func:`bench.data.splits.kfold_splits` /
-        :func:`~bench.data.splits.loso_splits`. Stored folds that do not partition the cases raise
-        :class:`DatasetError`."""
+    def splits(self, protocol: "ProtocolName" = "kfold", k: int = 5, seed: int = 0) -> list["Fold"]:
+        """Folds of ``protocol`` (``kfold``, ``loso`` or ``holdout``): the stored ones from ``splits.json``
+        when they were made with this ``k`` (k-fold) and ``seed`` (k-fold, stratified holdout), else
+        computed (deterministically) with :func:`bench.data.splits.compute_splits`. Stored folds that do
+        not partition the cases raise :class:`DatasetError`.
+
+        ``holdout`` gives one fold named ``holdout`` (train = every training case, test = the test
+        cases). A ``splits.json`` written before the holdout existed has none; it is then computed, the
+        same split a fresh generation with this seed would store. A release's own partition (stored by
+        the BONBID-HIE importer) is returned whatever ``seed`` is.
+        """
         from bench.data import splits as splitting
 
         if protocol not in splitting.PROTOCOLS:
@@ -236,12 +273,14 @@ class Dataset:
         folds = splitting.folds_from_payload(stored, protocol, k=k, seed=seed) if stored else None
         if folds is not None:
             try:
-                splitting.check_partition(folds, [c.case_id for c in self.cases], source=str(self.root / layout.SPLITS_JSON))
-            except splitting.SplitError as exc:
+                splitting.check_folds(protocol, folds, [c.case_id for c in self.cases], source=str(self.root / layout.SPLITS_JSON))
+                for fold in folds:  # fold names become folder names of runs (results/<run>/models/<fold>)
+                    check_identifier(fold.name, f"{protocol} fold name", self.root / layout.SPLITS_JSON)
+            except (splitting.SplitError, IdentifierError) as exc:
                 raise DatasetError(str(exc)) from exc
             return folds
         try:
-            return splitting.kfold_splits(self, k=k, seed=seed) if protocol == "kfold" else splitting.loso_splits(self)
+            return splitting.compute_splits(self, protocol, k=k, seed=seed)
         except splitting.SplitError as exc:
             raise DatasetError(f"{self.root}: {exc}") from exc
 
@@ -283,7 +322,7 @@ class Dataset:
             if isinstance(entry, Mapping):
                 folds = [splitting.Fold.from_dict(f) for f in entry.get("folds", [])]
                 try:
-                    splitting.check_partition(folds, [c.case_id for c in self.cases], source=f"{self.root / layout.SPLITS_JSON} ({protocol})")
+                    splitting.check_folds(protocol, folds, [c.case_id for c in self.cases], source=f"{self.root / layout.SPLITS_JSON} ({protocol})")
                 except splitting.SplitError as exc:
                     problems.append(str(exc))
         if check_version and not problems:
@@ -297,6 +336,48 @@ class Dataset:
         return problems
 
 
+def _load_case(root: Path, line: int, row: dict[str, Any], channel_names: tuple[str, ...], file_ending: str) -> Case:
+    """One ``cases.csv`` row as a :class:`Case`: safe ids, files present, none a link out of ``root``."""
+    cases_csv = root / layout.CASES_CSV
+    case_id, site = row["case_id"], row["site"]
+    try:
+        check_identifier("" if _missing(site) else site, "site", f"{cases_csv}, line {line}")
+    except IdentifierError as exc:
+        raise DatasetError(str(exc)) from None
+    images = tuple(layout.image_path(root, case_id, i, file_ending) for i in range(len(channel_names)))
+    for path in images:
+        if not path.is_file():
+            raise DatasetError(f"{path}: image of case {case_id} listed in {cases_csv} is missing")
+        _check_inside(root, path)
+    label = layout.label_path(root, case_id, file_ending)
+    if label.is_file():
+        _check_inside(root, label)
+    return Case(
+        case_id=case_id,
+        site=str(site),
+        image_paths=images,
+        label_path=label if label.is_file() else None,
+        channel_names=channel_names,
+        metadata={k: _plain(v) for k, v in row.items() if k not in ("case_id", "site")},
+    )
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _check_inside(root: Path, path: Path) -> None:
+    """Refuse a file that is (or sits in a folder that is) a symbolic link out of the dataset folder.
+
+    The dataset's version and every score describe the files inside it; a link out would let the
+    content change (or point at another dataset's labels) while the folder looks the same.
+    """
+    resolved = path.resolve()
+    if root not in resolved.parents:
+        raise DatasetError(f"{path}: is a symbolic link to {resolved}, outside the dataset folder {root} "
+                           "(copy the file into the dataset instead of linking it)")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -307,6 +388,39 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+def _file_digest(path: Path, is_label: bool) -> str:
+    """The content digest of one image or label file, as the dataset version hashes it."""
+    array, geometry = _read_case_file(path)
+    array = array.astype(np.uint8 if is_label else np.float32, copy=False)
+    return layout.array_digest(array, geometry)
+
+
+def _stat_stamp(path: Path) -> list[int]:
+    """What must be unchanged for a cached digest to hold: size, mtime, ctime, inode, device."""
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
+
+
+def _read_digest_cache(path: Path) -> dict[str, Any]:
+    """The digest cache of :meth:`Dataset.verify_version` (empty when missing or unreadable: it is only a cache)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT or not isinstance(data.get("files"), dict):
+        return {}
+    return data["files"]
+
+
+def _write_digest_cache(path: Path, files: dict[str, list[Any]]) -> None:
+    from bench.imageio import write_text_atomic
+
+    try:
+        write_text_atomic(path, json.dumps({"format": _CACHE_FORMAT, "files": files}, separators=(",", ":")))
+    except OSError:
+        pass  # a read-only dataset: the check ran, it just cannot be remembered
 
 
 def _read_case_file(path: Path) -> tuple[np.ndarray, Geometry]:

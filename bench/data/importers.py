@@ -10,7 +10,10 @@
         BCH_data_Train_release/2ZMAP/Zmap_BCHNICU_<id>-VISIT_01-ADC_smooth2mm_clipped10.mha
 
     Files are recognised by their *names* anywhere below the given folder (sub-folder names differ
-    between releases); the site is the file prefix without ``NICU`` (``MGH``, ``BCH``).
+    between releases); the site is the file prefix without ``NICU`` (``MGH``, ``BCH``). When the folder
+    holds the release's test data as well (a sub-folder whose name has the word ``test``, such as
+    ``BONBID2023_Test/``), that training / test partition is stored as the dataset's ``holdout`` split
+    (:func:`bonbid_partition`); otherwise the holdout is the site-stratified one.
 ``import_nnunet``
     Any nnU-Net v2 raw dataset (``imagesTr``, ``labelsTr``, ``dataset.json``) with a binary label, plus
     a site for every case, from a CSV table or a regular expression on the case id.
@@ -31,8 +34,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from bench.data.dataset import Dataset, DatasetError
-from bench.data.layout import CASE_ID_PATTERN, DatasetWriter, read_case_table, write_case
-from bench.imageio import Geometry, ImageError, read_image, strip_image_suffix
+from bench.data.layout import DatasetWriter, read_case_table, write_case
+from bench.ids import identifier_problem
+from bench.imageio import IMAGE_SUFFIXES, Geometry, ImageError, read_image, strip_image_suffix
 
 Progress = Callable[[int, int], None]
 
@@ -102,6 +106,7 @@ def _write_dataset(
     folds: int,
     split_seed: int,
     progress: Progress | None,
+    holdout_test: Sequence[str] | None = None,
 ) -> Dataset:
     with DatasetWriter(out, channel_names=tuple(channel_names), description=description, licence=licence, overwrite=overwrite, extra={"source": dict(source)}) as writer:
         for done, case in enumerate(cases, start=1):
@@ -109,6 +114,8 @@ def _write_dataset(
             writer.add(write_case(writer.root, case.case_id, case.site, channels, label, geometry, case.metadata))
             if progress:
                 progress(done, len(cases))
+        if holdout_test:  # the source's own test set becomes the stored holdout split
+            return writer.commit(folds=folds, split_seed=split_seed, holdout_test=holdout_test)
         return writer.commit(folds=folds, split_seed=split_seed)
 
 
@@ -183,6 +190,9 @@ def find_bonbid_cases(root: str | Path, *, skip_unlabeled: bool = False) -> list
                 problems.append(f"{files['adc']}: lesion label {name}_lesion.mha is missing (use --skip-unlabeled to leave such cases out)")
             continue
         case_id = f"{prefix}_{number}" if visit == "01" else f"{prefix}_{number}_V{visit}"
+        if (reason := identifier_problem(case_id) or identifier_problem(bonbid_site(prefix))) is not None:
+            problems.append(f"{files['adc']}: case id {case_id!r} or site {bonbid_site(prefix)!r} {reason}")
+            continue
         cases.append(
             SourceCase(
                 case_id=case_id,
@@ -198,6 +208,28 @@ def find_bonbid_cases(root: str | Path, *, skip_unlabeled: bool = False) -> list
     return cases
 
 
+#: A folder name that marks a release's test data: the word ``test`` or ``testing`` on its own or
+#: between separators (``Test``, ``BONBID2023_Test``, ``BCH_data_Test_release``; not ``Contest``).
+BONBID_TEST_FOLDER = re.compile(r"(?:^|[^a-z])test(?:ing)?(?:[^a-z]|$)", re.IGNORECASE)
+
+
+def bonbid_partition(cases: Sequence[SourceCase]) -> tuple[str, ...]:
+    """The case ids the release itself puts in its test set: those whose ADC map lies in a sub-folder
+    of the import folder whose name has the word ``test`` (:data:`BONBID_TEST_FOLDER`; the import
+    folder's own name does not count, so importing ``BONBID2023_Test`` alone is not a partition).
+
+    Every other case is a training case. Empty when no case, or every case, is in a test folder: then
+    the release gives no partition, and the dataset gets the site-stratified holdout.
+    """
+    test = []
+    for case in cases:
+        relative = str(case.metadata.get("source", ""))  # the ADC map's path below the import folder
+        folders = relative.split("/")[:-1]
+        if any(BONBID_TEST_FOLDER.search(folder) for folder in folders):
+            test.append(case.case_id)
+    return tuple(test) if 0 < len(test) < len(cases) else ()
+
+
 def import_bonbid(
     path: str | Path,
     out: str | Path,
@@ -208,20 +240,27 @@ def import_bonbid(
     split_seed: int = 0,
     progress: Progress | None = None,
 ) -> Dataset:
-    """Import a BONBID-HIE release folder (2023 and / or 2024 layout) into a dataset at ``out``."""
+    """Import a BONBID-HIE release folder (2023 and / or 2024 layout) into a dataset at ``out``.
+
+    When the folder holds the release's training and test folders, the release's partition is the
+    dataset's ``holdout`` split (:func:`bonbid_partition`).
+    """
     cases = find_bonbid_cases(path, skip_unlabeled=skip_unlabeled)
     sites = sorted({c.site for c in cases})
+    holdout_test = bonbid_partition(cases)
     return _write_dataset(
         cases,
         Path(out),
         channel_names=("ADC", "Z-ADC"),
-        description=f"BONBID-HIE imported from {Path(path).name}: {len(cases)} cases from {', '.join(sites)}.",
+        description=f"BONBID-HIE imported from {Path(path).name}: {len(cases)} cases from {', '.join(sites)}"
+        + (f", {len(holdout_test)} of them in the release's test set." if holdout_test else "."),
         licence=BONBID_LICENCE,
         source={"kind": "bonbid-hie", "path": str(Path(path).resolve())},
         overwrite=overwrite,
         folds=folds,
         split_seed=split_seed,
         progress=progress,
+        holdout_test=holdout_test,
     )
 
 
@@ -262,6 +301,9 @@ def read_site_table(path: str | Path) -> dict[str, dict[str, object]]:
     table = read_case_table(path, ImportProblem)
     if table["site"].isna().any():
         raise ImportProblem(f"{path}: empty site for cases {table['case_id'][table['site'].isna()].tolist()[:5]}")
+    for line, site in enumerate(table["site"].tolist(), start=2):
+        if (reason := identifier_problem(site)) is not None:
+            raise ImportProblem(f"{path}, line {line}: site {ascii(site)[:80]} {reason} (use 1-64 ASCII letters, digits, '.', '_' or '-')")
     rows = {}
     for row in table.to_dict(orient="records"):
         rows[str(row["case_id"])] = {k: row[k] for k in ("site", *SITE_TABLE_METADATA) if k in row and not pd.isna(row[k])}
@@ -301,6 +343,8 @@ def find_nnunet_cases(folder: str | Path, sites: str | Path, *, skip_unlabeled: 
     names = meta.get("channel_names") or meta.get("modality")
     n_channels = len(names)
     ending = str(meta["file_ending"])
+    if ending not in IMAGE_SUFFIXES:  # it becomes part of every path read below
+        raise ImportProblem(f"{folder / 'dataset.json'}: file_ending {ascii(ending)} is not one of {', '.join(IMAGE_SUFFIXES)}")
     images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
     for required in (images_dir, labels_dir):
         if not required.is_dir():
@@ -328,17 +372,20 @@ def find_nnunet_cases(folder: str | Path, sites: str | Path, *, skip_unlabeled: 
             if extra:
                 problems.append(f"{files[extra[0]]}: channel(s) {extra} not declared in dataset.json ({n_channels} channels)")
             continue
+        if (reason := identifier_problem(case_id)) is not None:
+            problems.append(f"{files[0]}: case id {ascii(case_id)[:80]} {reason}: HIE-Bench does not allow it in file names")
+            continue
         label = labels_dir / f"{case_id}{ending}"
         if not label.is_file():
             if not skip_unlabeled:
                 problems.append(f"{label}: label of case {case_id} is missing (use --skip-unlabeled to leave such cases out)")
             continue
-        if not CASE_ID_PATTERN.match(case_id):
-            problems.append(f"{files[0]}: case id {case_id!r} has characters HIE-Bench does not allow in file names")
-            continue
         info = assign(case_id)
         if not info:
             problems.append(f"{files[0]}: no site for case {case_id} in --sites {sites}")
+            continue
+        if (reason := identifier_problem(info["site"])) is not None:
+            problems.append(f"{files[0]}: site {ascii(info['site'])[:80]} of case {case_id} {reason} (use 1-64 ASCII letters, digits, '.', '_' or '-')")
             continue
         metadata = {k: v for k, v in info.items() if k != "site"}
         cases.append(SourceCase(case_id, str(info["site"]), tuple(files[i] for i in range(n_channels)), label, metadata))

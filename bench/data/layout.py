@@ -1,6 +1,9 @@
 """The on-disk layout of a HIE-Bench dataset, and the one way to write it.
 
-This module is the single place that knows file names. A dataset folder is an nnU-Net v2 *raw* dataset
+This module is the single place that knows file names, and it builds none from an unsafe name: case ids
+and site names are safe identifiers (:mod:`bench.ids`), checked by :func:`image_path`,
+:func:`label_path`, :func:`read_case_table` and :func:`write_case`, and the file ending must be one of
+:data:`bench.imageio.IMAGE_SUFFIXES`. A dataset folder is an nnU-Net v2 *raw* dataset
 (``imagesTr/{case}_{channel:04d}.nii.gz``, ``labelsTr/{case}.nii.gz``, ``dataset.json``) plus HIE-Bench's
 own ``cases.csv`` (one row per case, :data:`~bench.data.dataset.CASE_COLUMNS`) and ``splits.json``
 (the cross-validation folds).
@@ -22,6 +25,7 @@ verify one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -33,7 +37,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from bench.imageio import Geometry, read_geometry, write_image, write_text_atomic
+from bench.ids import IDENTIFIER_PATTERN, IdentifierError, check_identifier, identifier_problem
+from bench.imageio import IMAGE_SUFFIXES, Geometry, read_geometry, write_image, write_text_atomic
 
 IMAGES_DIR = "imagesTr"
 LABELS_DIR = "labelsTr"
@@ -45,8 +50,9 @@ SPLITS_JSON = "splits.json"
 LABELS: dict[str, int] = {"background": 0, "lesion": 1}
 #: Version of this layout (``hie_bench.format`` in ``dataset.json``).
 LAYOUT_FORMAT = 1
-#: Case ids are file-name safe (nnU-Net finds them by cutting ``_NNNN<ending>`` off the image names).
-CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: Case ids are safe identifiers (:mod:`bench.ids`: they become file names, and nnU-Net finds them by
+#: cutting ``_NNNN<ending>`` off the image names). Site names follow the same rule.
+CASE_ID_PATTERN = re.compile(IDENTIFIER_PATTERN)
 #: Voxel connectivity used to count lesions (26 = faces, edges and corners touch).
 LESION_CONNECTIVITY = 26
 
@@ -56,13 +62,24 @@ class LayoutError(ValueError):
 
 
 def image_path(root: str | Path, case_id: str, channel: int, file_ending: str = FILE_ENDING) -> Path:
-    """Path of one channel of a case: ``imagesTr/{case_id}_{channel:04d}{file_ending}``."""
-    return Path(root) / IMAGES_DIR / f"{case_id}_{channel:04d}{file_ending}"
+    """Path of one channel of a case: ``imagesTr/{case_id}_{channel:04d}{file_ending}``.
+
+    The case id and ending are checked (:func:`check_case_id`, :func:`check_file_ending`): no path is
+    ever built from an unsafe name, whichever caller passes it.
+    """
+    return Path(root) / IMAGES_DIR / f"{check_case_id(case_id)}_{int(channel):04d}{check_file_ending(file_ending)}"
 
 
 def label_path(root: str | Path, case_id: str, file_ending: str = FILE_ENDING) -> Path:
-    """Path of the reference label of a case: ``labelsTr/{case_id}{file_ending}``."""
-    return Path(root) / LABELS_DIR / f"{case_id}{file_ending}"
+    """Path of the reference label of a case: ``labelsTr/{case_id}{file_ending}`` (checked as :func:`image_path`)."""
+    return Path(root) / LABELS_DIR / f"{check_case_id(case_id)}{check_file_ending(file_ending)}"
+
+
+def check_file_ending(file_ending: str, source: str = "file_ending") -> str:
+    """Return ``file_ending`` if it is one of :data:`bench.imageio.IMAGE_SUFFIXES`, else raise :class:`LayoutError`."""
+    if file_ending not in IMAGE_SUFFIXES:
+        raise LayoutError(f"{source}: file ending {ascii(file_ending)} is not one of {', '.join(IMAGE_SUFFIXES)} (set it to .nii.gz)")
+    return file_ending
 
 
 def read_case_table(path: str | Path, error: type[ValueError] = LayoutError) -> "pd.DataFrame":  # noqa: F821
@@ -74,16 +91,24 @@ def read_case_table(path: str | Path, error: type[ValueError] = LayoutError) -> 
     import pandas as pd
 
     path = Path(path)
+    data = path.read_bytes()
+    if b"\x00" in data:  # pandas would silently cut a value at the NUL ("case\x00x" reads as "case")
+        raise error(f"{path}: contains a NUL byte at offset {data.find(0)} (write the table as plain UTF-8 text)")
     try:
-        table = pd.read_csv(path, dtype={"case_id": str, "site": str})
+        table = pd.read_csv(io.BytesIO(data), dtype={"case_id": str, "site": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: not a readable CSV table ({exc})") from exc
+        raise error(f"{path}: not a readable CSV table ({' '.join(str(exc).split())})") from exc
     missing = {"case_id", "site"} - set(table.columns)
     if missing:
         raise error(f"{path}: missing columns {sorted(missing)} (needs case_id and site)")
     duplicated = table["case_id"][table["case_id"].duplicated()].tolist()
     if duplicated:
         raise error(f"{path}: duplicate case ids {duplicated[:5]}")
+    for row, case_id in enumerate(table["case_id"].tolist(), start=2):
+        try:
+            check_identifier("" if pd.isna(case_id) else case_id, "case id", f"{path}, line {row}")
+        except IdentifierError as exc:
+            raise error(str(exc)) from None
     return table
 
 
@@ -93,11 +118,21 @@ def is_dataset_folder(path: str | Path) -> bool:
     return (path / DATASET_JSON).is_file() and (path / CASES_CSV).is_file()
 
 
-def check_case_id(case_id: str) -> str:
-    """Return ``case_id`` if it is a valid case id, else raise :class:`LayoutError`."""
-    if not CASE_ID_PATTERN.match(case_id):
-        raise LayoutError(f"case id {case_id!r} is not usable as a file name stem (letters, digits, '_', '.', '-')")
+def check_case_id(case_id: str, source: str = "") -> str:
+    """Return ``case_id`` if it is a safe identifier (:func:`bench.ids.check_identifier`), else raise :class:`LayoutError`."""
+    reason = identifier_problem(case_id)
+    if reason is not None:
+        raise LayoutError(f"{source + ': ' if source else ''}case id {ascii(case_id)[:80]} is not usable as a file name stem: it {reason} "
+                          "(use 1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit)")
     return case_id
+
+
+def check_site(site: str, source: str = "site") -> str:
+    """Return ``site`` if it is a safe identifier (site names become fold and folder names), else raise :class:`LayoutError`."""
+    try:
+        return check_identifier(site, "site", source)
+    except IdentifierError as exc:
+        raise LayoutError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,6 +240,7 @@ def write_case(
     check_case_id(case_id)
     if not site or not str(site).strip():
         raise LayoutError(f"case {case_id}: empty site name")
+    check_site(site, f"case {case_id}")
     label = np.asarray(label)
     if label.dtype != bool and not ((label == 0) | (label == 1)).all():
         raise LayoutError(f"case {case_id}: label values {np.unique(label).tolist()[:10]} are not in {{0, 1}}")
@@ -297,8 +333,11 @@ class DatasetWriter:
             raise LayoutError(f"case {record.case_id} is written twice")
         self.records.append(record)
 
-    def commit(self, *, folds: int = 5, split_seed: int = 0) -> "Dataset":  # noqa: F821 - imported lazily
-        """Write ``cases.csv``, ``splits.json`` and ``dataset.json``, then move the dataset into place."""
+    def commit(self, *, folds: int = 5, split_seed: int = 0, holdout_test: Sequence[str] | None = None) -> "Dataset":  # noqa: F821 - imported lazily
+        """Write ``cases.csv``, ``splits.json`` and ``dataset.json``, then move the dataset into place.
+
+        ``holdout_test``: the source's own test cases (a release's partition), stored as the holdout split.
+        """
         import pandas as pd
 
         from bench.data.dataset import CASE_COLUMNS, Dataset
@@ -312,7 +351,9 @@ class DatasetWriter:
         extra_columns = [c for c in table.columns if c not in CASE_COLUMNS]
         table = table[base_columns + extra_columns]
         has_lesion = (table["lesion_volume_ml"] > 0).tolist()
-        splits = build_splits_payload(table["case_id"].tolist(), table["site"].tolist(), has_lesion, k=folds, seed=split_seed)
+        splits = build_splits_payload(
+            table["case_id"].tolist(), table["site"].tolist(), has_lesion, k=folds, seed=split_seed, holdout_test=holdout_test
+        )
         version = dataset_version(
             ((r.case_id, r.site, r.digest) for r in self.records), self.channel_names, splits
         )

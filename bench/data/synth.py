@@ -802,7 +802,8 @@ def generate_synthetic_dataset(
         workers: processes to use (default: one per CPU core, at most 8; 1 generates in this process).
         overwrite: replace an existing dataset at ``out``.
         folds: number of k-fold splits stored in ``splits.json``.
-        split_seed: seed of the stored k-fold splits.
+        split_seed: seed of the stored k-fold splits and of the site-stratified holdout split (both
+            written to ``splits.json`` by :func:`bench.data.splits.build_splits_payload`).
         progress: called as ``progress(done, total)`` after each case.
     """
     specs = plan_cases(cases, sites, seed, size)

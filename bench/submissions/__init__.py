@@ -34,6 +34,7 @@ from bench.submissions.kinds import KIND_LOADERS, KindLoader
 from bench.submissions.manifest import KINDS, MANIFEST_NAME, SubmissionManifest, parse_manifest
 from bench.submissions.predictors import SubmissionPredictor
 from bench.submissions.probe import PROBE_CASE_ID, write_probe_case
+from bench.submissions.sandbox import SandboxUnavailable, effective_limits, sandbox_unavailable_reason
 from bench.submissions.scaffold import SCAFFOLD_KINDS, scaffold_submission
 from bench.submissions.verify import verify_submission
 
@@ -54,14 +55,17 @@ __all__ = [
     "PredictorOptions",
     "Problem",
     "SCAFFOLD_KINDS",
+    "SandboxUnavailable",
     "Submission",
     "SubmissionError",
     "SubmissionManifest",
     "SubmissionPredictor",
     "add_submission_archive",
     "content_hash",
+    "effective_limits",
     "load_submission",
     "parse_manifest",
+    "sandbox_unavailable_reason",
     "scaffold_submission",
     "validate_mask",
     "verify_submission",

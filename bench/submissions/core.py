@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -93,15 +94,20 @@ class PredictorOptions:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``/``cuda:N``.
         trust_code: the user allows evaluating code from the submission's files where the manifest asks
             for it (``allow_code: true``); ``python`` submissions always run their code.
+        sandbox: run every isolated worker in the bubblewrap sandbox (:mod:`bench.submissions.sandbox`);
+            ``False`` is ``--unsafe-no-sandbox``: the model then sees the whole file system, and no
+            resource limits apply beyond the time limit.
     """
 
     time_limit_s: float | None = None
     cache_dir: str | None = None
     device: str = "auto"
     trust_code: bool = False
+    sandbox: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return {"time_limit_s": self.time_limit_s, "cache_dir": self.cache_dir, "device": self.device, "trust_code": self.trust_code}
+        return {"time_limit_s": self.time_limit_s, "cache_dir": self.cache_dir, "device": self.device,
+                "trust_code": self.trust_code, "sandbox": self.sandbox}
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,7 @@ class Submission:
         cache_dir: str | Path | None = None,
         device: str = "auto",
         trust_code: bool = False,
+        sandbox: bool = True,
     ) -> "SubmissionPredictor":
         """An object with ``predict(case) -> np.ndarray[bool]`` on the case's native grid.
 
@@ -171,6 +178,8 @@ class Submission:
             cache_dir: preprocessing cache (see :func:`bench.preprocess.preprocess`).
             device: ``auto``, ``cpu`` or ``cuda``.
             trust_code: allow code evaluation for manifests with ``allow_code: true``.
+            sandbox: run isolated workers in the bubblewrap sandbox (docs/security.md); ``False`` is
+                ``--unsafe-no-sandbox``.
 
         Use it as a context manager (or call ``close()``) so the worker process ends.
         """
@@ -187,6 +196,7 @@ class Submission:
             cache_dir=None if cache_dir is None else str(cache_dir),
             device=device,
             trust_code=trust_code,
+            sandbox=sandbox,
         )
         return make_predictor(self, options, isolate=isolate)
 
@@ -243,6 +253,10 @@ def _load_manifest(path: Path) -> tuple[Any, list[Problem]]:
     try:
         data = read_manifest_data(manifest_path)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        from bench.submissions.manifest import ManifestYAMLError
+
+        if isinstance(exc, ManifestYAMLError):  # too large, too deep or using aliases: refused before parsing
+            return None, [Problem("error", MANIFEST_NAME, _one_line(exc), "write a plain manifest: no anchors or aliases (&, *), under 256 KiB")]
         return None, [Problem("error", MANIFEST_NAME, f"not valid YAML: {_one_line(exc)}", "fix the YAML syntax at the position shown")]
     if not isinstance(data, dict):
         return None, [Problem("error", MANIFEST_NAME, f"must be a mapping of fields, got {type(data).__name__}", "write 'name: ...', 'kind: ...' etc. at the top level")]
@@ -285,17 +299,29 @@ def _one_line(exc: Exception) -> str:
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
-    """``root / relative``, refusing absolute paths and paths that leave ``root`` (after symlinks)."""
+    """``root / relative``, refusing absolute paths and paths that leave ``root`` (after symlinks).
+
+    ``relative`` comes from the manifest, so NUL bytes, backslashes and non-ASCII look-alikes of ``/``
+    and ``.`` (fullwidth solidus, one-dot leader) are refused before any path is built from it.
+    """
+    fix = "use a path relative to the folder, with '/' between plain ASCII names"
     if not relative or Path(relative).is_absolute() or relative.startswith(("/", "\\")):
-        raise SubmissionError(root, [Problem("error", relative or "(empty path)", "must be a relative path inside the submission folder", "use a path relative to the folder")])
+        raise SubmissionError(root, [Problem("error", ascii(relative) if relative else "(empty path)", "must be a relative path inside the submission folder", fix)])
+    if "\x00" in relative or "\\" in relative or not relative.isascii():
+        raise SubmissionError(root, [Problem("error", ascii(relative), "has a NUL byte, a backslash or non-ASCII characters", fix)])
+    root = root.resolve()
     candidate = (root / relative).resolve()
-    if candidate != root.resolve() and root.resolve() not in candidate.parents:
+    if candidate != root and root not in candidate.parents:
         raise SubmissionError(root, [Problem("error", relative, "points outside the submission folder", "keep every file inside the folder")])
     return candidate
 
 
 def iter_content_files(root: Path) -> list[Path]:
-    """Files that make up a submission (sorted, relative), skipping caches in :data:`IGNORED_NAMES`."""
+    """Entries that make up a submission (sorted, relative), skipping caches in :data:`IGNORED_NAMES`.
+
+    Files (regular or not) and symbolic links to folders are listed; folders are descended into, links
+    to folders are not (their target is listed where it lies, or refused by :func:`content_hash`).
+    """
     found = []
     for directory, folders, files in os.walk(root, followlinks=False):
         folders[:] = sorted(f for f in folders if f not in IGNORED_NAMES)
@@ -304,32 +330,54 @@ def iter_content_files(root: Path) -> list[Path]:
             if name in IGNORED_NAMES or name.endswith(IGNORED_SUFFIXES):
                 continue
             found.append((base / name).relative_to(root))
-        # Symlinked folders are not descended into but still count (by their target, below).
         found.extend((base / f).relative_to(root) for f in folders if (base / f).is_symlink())
     return sorted(found, key=lambda p: p.as_posix())
 
 
 def content_hash(root: str | Path) -> str:
-    """SHA-256 hex digest of a folder: for each file in sorted relative-path order, its path and bytes.
+    """SHA-256 hex digest of a folder: for each entry in sorted relative-path order, its path and bytes.
 
-    Python byte-code caches are ignored (running a submission must not change its hash); a symbolic link
-    contributes its target text, never the bytes it points to.
+    Content, not links: a symbolic link to a file inside the folder contributes the bytes it points to
+    (so editing the target changes the hash); a link to a folder inside it contributes its target
+    path (that folder's files are hashed where they lie). A link that leaves the folder or dangles, and
+    anything that is not a regular file (FIFO, socket, device), raise :class:`SubmissionError`: the
+    hash would not describe what runs, and a FIFO would block the reader. Python byte-code caches are
+    ignored (running a submission must not change its hash).
     """
-    root = Path(root)
+    root = Path(root).resolve()
     digest = hashlib.sha256()
     for relative in iter_content_files(root):
         full = root / relative
         name = relative.as_posix().encode()
         digest.update(len(name).to_bytes(8, "little") + name)
-        if full.is_symlink():
-            target = os.readlink(full).encode()
-            digest.update(b"L" + len(target).to_bytes(8, "little") + target)
+        target = _content_target(root, relative)
+        if target.is_dir():
+            text = target.relative_to(root).as_posix().encode()
+            digest.update(b"D" + len(text).to_bytes(8, "little") + text)
             continue
-        digest.update(b"F" + full.stat().st_size.to_bytes(8, "little"))
-        with open(full, "rb") as handle:
+        with open(target, "rb") as handle:
+            digest.update(b"F" + os.fstat(handle.fileno()).st_size.to_bytes(8, "little"))
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _content_target(root: Path, relative: Path) -> Path:
+    """What an entry's content is read from: itself, or the target of a link that stays inside ``root``."""
+    full = root / relative
+    fix = "replace the link with a copy of the file: a submission must be self-contained"
+    if full.is_symlink():
+        try:
+            target = full.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise SubmissionError(root, [Problem("error", relative.as_posix(), "is a symbolic link that points nowhere (or loops)", fix)]) from None
+        if target != root and root not in target.parents:
+            raise SubmissionError(root, [Problem("error", relative.as_posix(), f"is a symbolic link to {target}, outside the submission folder", fix)])
+        full = target
+    mode = full.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise SubmissionError(root, [Problem("error", relative.as_posix(), "is not a regular file (a FIFO, socket or device)", "remove it from the folder")])
+    return full
 
 
 def validate_mask(array: Any, expected_shape: tuple[int, ...], case_id: str, *, source: str = "the model") -> np.ndarray:

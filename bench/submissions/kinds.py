@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -252,7 +253,11 @@ class PredictionsPredictor:
             array, geometry = read_image(path)
         except ImageError as exc:
             raise InvalidPrediction(case.case_id, str(exc), "write a 3-D NIfTI/MHA mask") from exc
-        differences = geometry.differences(read_geometry(case.image_paths[0]))
+        try:
+            differences = geometry.differences(read_geometry(case.image_paths[0]))
+        except ImageError as exc:
+            raise InvalidPrediction(case.case_id, f"the case's image cannot be read to check the mask's grid: {exc}",
+                                    "check the dataset with `bench data verify`") from exc
         if differences:
             raise InvalidPrediction(case.case_id, f"{self.relative}/{path.name} is not on the case's grid: {'; '.join(differences)}",
                                     "write the mask with the header (shape, spacing, origin, direction) of the case's image")
@@ -269,9 +274,13 @@ class TorchScriptLoader(KindLoader):
 
     @classmethod
     def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
+        """The model file is a sound TorchScript archive (:func:`torchscript_problem`); torch is not imported."""
         problems = _file_problem(submission, "model", submission.manifest.model, "TorchScript model")
-        if not problems and not zipfile.is_zipfile(submission.resolve(submission.manifest.model)):
-            problems.append(Problem("error", "submission.yaml: model", f"{submission.manifest.model} is not a TorchScript archive",
+        if problems:
+            return problems
+        reason = torchscript_problem(submission.resolve(submission.manifest.model))
+        if reason is not None:
+            problems.append(Problem("error", submission.manifest.model, f"is not a TorchScript archive: {reason}",
                                     "save the model with torch.jit.save(torch.jit.script(model), 'model.pt')"))
         return problems
 
@@ -288,7 +297,11 @@ class OnnxLoader(KindLoader):
 
     @classmethod
     def check(cls, submission: "Submission", trust_code: bool = False) -> list[Problem]:
-        return _file_problem(submission, "model", submission.manifest.model, "ONNX model")
+        """The model parses and passes ``onnx.checker`` (nothing runs); external data stays in the folder."""
+        problems = _file_problem(submission, "model", submission.manifest.model, "ONNX model")
+        if problems:
+            return problems
+        return onnx_problems(submission, submission.manifest.model)
 
     @classmethod
     def build(cls, submission: "Submission", options: "PredictorOptions") -> Any:
@@ -296,6 +309,115 @@ class OnnxLoader(KindLoader):
 
         forward = load_onnx(submission.resolve(submission.manifest.model), resolve_device(options.device))
         return SlidingWindowPredictor(forward, submission, options)
+
+
+#: Entries every ``torch.jit.save`` archive has under its one top folder (``code/`` holds the TorchScript).
+_TORCHSCRIPT_ENTRIES = ("data.pkl", "constants.pkl", "version")
+
+
+def torchscript_problem(path: Path) -> str | None:
+    """Why ``path`` is not a TorchScript archive, or ``None``: read as a zip with the archive checks
+    (bounded directory, CRC of every member), it must hold one top folder with ``data.pkl``,
+    ``constants.pkl`` (pickles), ``version`` and TorchScript sources under ``code/``. A ``torch.save``
+    state dict has no ``code/`` and is refused with that reason. Nothing is unpickled.
+    """
+    from bench.submissions.archive import ArchiveLimits, declared_entries_in
+
+    limits = ArchiveLimits()
+    try:
+        entries = declared_entries_in(path)
+        if entries is None:
+            return "not a zip archive (empty, truncated or another format)"
+        if entries > limits.max_files:
+            return f"its directory declares {entries} members, more than {limits.max_files}"
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if sum(i.file_size for i in infos) > limits.max_total_bytes:
+                return f"it unpacks to more than {limits.max_total_bytes} bytes"
+            tops = {i.filename.split("/", 1)[0] for i in infos}
+            if len(tops) != 1:
+                return f"expected one top folder, found {len(tops)}"
+            top = tops.pop()
+            names = {i.filename for i in infos}
+            missing = [n for n in _TORCHSCRIPT_ENTRIES if f"{top}/{n}" not in names]
+            if not any(n.startswith(f"{top}/code/") for n in names):
+                missing.append("code/")
+            if missing:
+                return f"no {', '.join(missing)} in {top}/ (a torch.save() file or another zip, not torch.jit.save())"
+            if any(not archive.read(f"{top}/{n}")[:1] == b"\x80" for n in ("data.pkl", "constants.pkl")):
+                return "data.pkl or constants.pkl is not a pickle"
+            bad = archive.testzip()
+            if bad is not None:
+                return f"member {bad} fails its CRC check (the file is damaged)"
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError) as exc:
+        return f"unreadable zip ({' '.join(str(exc).split())[:160]})"
+    return None
+
+
+def onnx_problems(submission: "Submission", relative: str) -> list[Problem]:
+    """Parse an ONNX model and run ``onnx.checker`` on it (no inference, no operator runs).
+
+    The graph is parsed without its external data first, and every initializer stored as external data
+    must name a file inside the submission folder; only then does the checker see the model by its path
+    (it resolves external data beside the model).
+    """
+    fix = "export the model again (torch.onnx.export or onnx.save) and check it with onnx.checker.check_model"
+    path = submission.resolve(relative)
+    try:
+        import onnx
+        import onnx.checker
+    except ImportError:  # onnx is a development extra; onnxruntime is always installed
+        reason = _onnxruntime_problem(path)
+        return [Problem("error", relative, f"is not a valid ONNX model ({reason})", fix)] if reason else []
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends for garbage
+        return [Problem("error", relative, f"is not a valid ONNX model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", fix)]
+    problems = _onnx_external_problems(submission, relative, model)
+    if problems:
+        return problems
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # ValidationError, ValueError, ... for malformed graphs
+        return [Problem("error", relative, f"is not a valid ONNX model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", fix)]
+    if not model.graph.node:
+        return [Problem("error", relative, "is an ONNX model with an empty graph", fix)]
+    return []
+
+
+def _onnxruntime_problem(path: Path) -> str | None:
+    """Why onnxruntime cannot load ``path`` (parse, validate, resolve external data inside the model's
+    folder; no graph optimisation and no inference), or ``None``."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidArgument classes
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    return None
+
+
+def _onnx_external_problems(submission: "Submission", relative: str, model: Any) -> list[Problem]:
+    """External-data locations of ``model`` that leave the submission folder or name no file."""
+    import onnx
+
+    problems = []
+    base = Path(relative).parent
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        try:
+            target = submission.resolve((base / location).as_posix() if location else "")
+        except SubmissionError as exc:
+            problems.append(Problem("error", relative, f"external data {location!r} of {tensor.name}: {exc.problems[0].message}",
+                                    "keep external data files beside the model, inside the submission folder"))
+            continue
+        if not target.is_file():
+            problems.append(Problem("error", relative, f"external data file {location!r} of {tensor.name} not found", "ship the data file beside the model"))
+    return problems
 
 
 class MonaiBundleLoader(KindLoader):

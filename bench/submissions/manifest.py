@@ -3,6 +3,13 @@
 The manifest is a discriminated union on ``kind``: the common fields (name, version, authors,
 description, licence, inputs, optional preprocessing) plus the fields of its kind. Unknown fields are
 errors, so a typo never silently falls back to a default. ``docs/submissions.md`` documents every field.
+
+The YAML itself comes from other people, so :func:`read_manifest_data` parses it within bounds: at most
+:data:`MAX_MANIFEST_BYTES`, nesting at most :data:`MAX_YAML_DEPTH` deep, and no aliases (``*name``,
+which includes merge keys ``<<: *name``). Counting aliases would not bound anything (nine aliases of
+nine aliases expand to 9^9 nodes once something walks the tree, as storing the manifest does), and a
+manifest is short enough to write out, so they are refused outright: a 600-byte "billion laughs"
+gets one :class:`ManifestYAMLError` line instead of taking down the run that stores it.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -23,13 +31,20 @@ from pydantic import (
     model_validator,
 )
 
+from bench.ids import SUBMISSION_NAME_PATTERN
 from bench.preprocess import PreprocessingConfig
 
 #: File name of the manifest inside a submission folder.
 MANIFEST_NAME = "submission.yaml"
 
-#: Submission names are folder names and parts of run ids: lower-case letters, digits, ``.``, ``_``, ``-``.
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+#: Submission names are folder names and parts of run ids: lower-case letters, digits, ``.``, ``_``, ``-``
+#: (the safe-identifier rule of :mod:`bench.ids`, in lower case).
+NAME_PATTERN = SUBMISSION_NAME_PATTERN
+
+#: Largest ``submission.yaml`` read: real manifests are a few hundred bytes.
+MAX_MANIFEST_BYTES = 256 * 1024
+#: Deepest nesting of YAML collections (a manifest needs four or five levels).
+MAX_YAML_DEPTH = 32
 
 #: Default time limit for one case (model loading included for the first case).
 DEFAULT_TIME_LIMIT_S = 600.0
@@ -57,6 +72,25 @@ class InputSpec(BaseModel):
         return channels
 
 
+class ResourceLimits(BaseModel):
+    """``limits:``: what the model's sandboxed process may use (docs/security.md).
+
+    Every field is optional; a missing one takes the benchmark's default and every value is clamped to the
+    benchmark's ceiling (``DEFAULT_LIMITS`` and ``CEILING_LIMITS`` in :mod:`bench.submissions.sandbox`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Memory (address space on CPU, writable memory on a GPU), MiB.
+    memory_mb: PositiveInt | None = None
+    #: CPU seconds per case, all threads together (loading the model counts towards the first case).
+    cpu_s: PositiveInt | None = None
+    #: Largest file the model may write, MiB (also the size of its /tmp).
+    file_size_mb: PositiveInt | None = None
+    #: Open file descriptors.
+    open_files: PositiveInt | None = None
+
+
 class _ManifestBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -72,6 +106,9 @@ class _ManifestBase(BaseModel):
     inputs: InputSpec = InputSpec()
     preprocessing: PreprocessingConfig | None = Field(
         None, description="Preprocessing for inputs.space 'preprocessed'; default: the standard pipeline."
+    )
+    limits: ResourceLimits | None = Field(
+        None, description="Memory, CPU time, file size and open files of the sandboxed model, within the benchmark's ceilings."
     )
 
     @field_validator("authors")
@@ -249,7 +286,52 @@ def parse_manifest(data: Any) -> Any:
 
 
 def read_manifest_data(path: Path) -> Any:
-    """Parse the YAML of ``path`` safely (no Python tags); raises ``yaml.YAMLError`` or ``OSError``."""
-    import yaml
+    """Parse the YAML of ``path`` safely and within bounds (see the module docstring).
 
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    Raises :class:`ManifestYAMLError` (a ``yaml.YAMLError``) for a file over :data:`MAX_MANIFEST_BYTES`,
+    an alias or too deep nesting; ``yaml.YAMLError`` for bad syntax; ``UnicodeDecodeError``; ``OSError``.
+    """
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestYAMLError(f"{path.name} is over the limit of {MAX_MANIFEST_BYTES // 1024} KiB "
+                                "(a manifest is a few hundred bytes: move data into files beside it)")
+    return load_bounded_yaml(raw.decode("utf-8"), path.name)
+
+
+def load_bounded_yaml(text: str, source: str = "<yaml>") -> Any:
+    """``yaml.safe_load`` without aliases and with nesting at most :data:`MAX_YAML_DEPTH` deep.
+
+    For any YAML that comes from a submission (its manifest, a MONAI bundle's configuration).
+    """
+    loader = BoundedSafeLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+class ManifestYAMLError(yaml.YAMLError):
+    """YAML refused for its size, an alias or its depth (see :func:`load_bounded_yaml`)."""
+
+
+class BoundedSafeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (no Python tags) that refuses aliases and deep nesting while composing."""
+
+    source = "<yaml>"
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ManifestYAMLError(f"{self.source}, line {event.start_mark.line + 1}: alias *{event.anchor} is not allowed "
+                                    "(write the value out instead of using &anchors and *aliases)")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ManifestYAMLError(f"{self.source}, line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1

@@ -34,12 +34,13 @@ _REFERENCE = re.compile(r"@([A-Za-z0-9_\-.]+)")
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``; other values are returned as given."""
-    if device != "auto":
-        return device
-    import torch
+    """The torch device string for ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) by the one device
+    policy, :func:`bench.device.resolve_device`; a CUDA device torch cannot use raises its ``DeviceError``."""
+    import torch  # noqa: F401 - the predictor needs it next; imported, the policy asks it directly (no probe process)
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from bench.device import resolve_device as policy
+
+    return policy(device).device
 
 
 class SlidingWindowPredictor:
@@ -116,9 +117,9 @@ def read_bundle_config(path: Path) -> dict[str, Any]:
     """Parse a bundle configuration file (JSON or YAML, safe loader) into a dict."""
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+        from bench.submissions.manifest import load_bounded_yaml
 
-        data = yaml.safe_load(text)
+        data = load_bounded_yaml(text, source=str(path))  # size-limited, no aliases: a bundle is untrusted
     else:
         data = json.loads(text)
     if not isinstance(data, dict):

@@ -1,31 +1,90 @@
-"""Worker process that hosts one submission's model: ``python -m bench.submissions.runner``.
+"""Worker process that hosts one submission's model: ``python -m bench.submissions.runner --reply-fd N``.
 
-Started by :class:`bench.submissions.predictors.SubmissionPredictor`; not meant to be run by hand.
-Protocol: JSON lines. Once its own imports are done the worker says ``{"ok": true, "ready": true}``
-(so the benchmark's start-up never counts against a model's time limit). The first request ``{"submission": folder, "options": {...}}`` loads the model;
-each further request ``{"case": {...}, "output": path.npy}`` predicts one case and saves the array to
-``output``. Every request gets one reply line ``{"ok": true}`` or
-``{"ok": false, "error": class name, "message": ..., "fix": ...}``.
+Started by :class:`bench.submissions.predictors.SubmissionPredictor` (usually inside the sandbox of
+:mod:`bench.submissions.sandbox`); not meant to be run by hand.
 
-The model's own prints would corrupt the protocol, so file descriptor 1 is redirected to stderr (which
-the parent keeps in a log and shows when the model crashes) and replies go to a private copy of the
-original stdout.
+Channels. Requests arrive as JSON lines on stdin. Replies leave as JSON lines on file descriptor ``N``, a
+pipe that only the parent reads. Before any submission code runs, the worker
+
+- marks ``N`` close-on-exec, and moves stdin to a private close-on-exec descriptor with ``/dev/null`` in
+  its place, so processes the model starts inherit neither channel;
+- leaves stdout and stderr alone: the parent points both at a log (shown when the model crashes), so the
+  model's prints never touch the protocol.
+
+The model runs in this process and could still write on ``N`` itself; all it can forge is its own
+answer, which the parent checks like any other (docs/security.md).
+
+Protocol. Once its own imports are done the worker says ``{"ok": true, "ready": true}`` (so start-up
+never counts against a model's time limit). Every request carries a ``nonce`` that its one reply echoes:
+``{"nonce": ..., "submission": folder, "options": {...}}`` loads the model;
+``{"nonce": ..., "case": {...}, "output": path.npy}`` predicts one case and saves the array to
+``output``. Replies are ``{"nonce": ..., "ok": true}`` or ``{"nonce": ..., "ok": false, "error": class
+name, "message": ..., "fix": ...}``, messages cut to :data:`MAX_MESSAGE_CHARS`.
+
+CPU time. The parent sets ``RLIMIT_CPU``'s soft limit to the per-case budget before the worker starts;
+before each request the worker moves it to "used so far + budget", so the budget holds per case.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import resource
 import sys
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
+
+#: Longest message or fix in a reply (the parent refuses lines over 64 KiB).
+MAX_MESSAGE_CHARS = 8000
 
 
-def _reply(channel: TextIO, **fields: Any) -> None:
-    channel.write(json.dumps(fields) + "\n")
-    channel.flush()
+class _Replies:
+    """The reply channel: one JSON line per reply, written whole (a pipe write of up to 4 KiB is atomic)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def send(self, **fields: Any) -> None:
+        for key in ("message", "fix"):
+            if isinstance(fields.get(key), str) and len(fields[key]) > MAX_MESSAGE_CHARS:
+                fields[key] = fields[key][: MAX_MESSAGE_CHARS - 20] + "\n... (cut)"
+        data = (json.dumps(fields) + "\n").encode()
+        while data:
+            data = data[os.write(self.fd, data):]
 
 
-def serve(requests: TextIO, replies: TextIO) -> None:
+class _CpuBudget:
+    """Moves RLIMIT_CPU's soft limit forward before each request (see the module docstring)."""
+
+    def __init__(self) -> None:
+        soft, self.hard = resource.getrlimit(resource.RLIMIT_CPU)
+        self.budget = None if soft == resource.RLIM_INFINITY else soft
+
+    def renew(self) -> None:
+        if self.budget is None:
+            return
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        soft = math.ceil(usage.ru_utime + usage.ru_stime) + self.budget
+        if self.hard != resource.RLIM_INFINITY:
+            soft = min(soft, self.hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, self.hard))
+
+
+def _memory_hint(exc: BaseException) -> str:
+    """A fix naming the memory limit, when ``exc`` looks like an allocation failure."""
+    text = str(exc).lower()
+    if not (isinstance(exc, MemoryError) or "can't allocate memory" in text or "cannot allocate memory" in text):
+        return ""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    shown = "no limit" if limit == resource.RLIM_INFINITY else f"{limit >> 20} MB"
+    return (f"the model ran out of memory (its limit: {shown}); use less memory, or raise limits.memory_mb in "
+            "submission.yaml (up to the benchmark's ceiling, see docs/security.md)")
+
+
+def serve(requests: TextIO, replies: _Replies) -> None:
     """Answer requests until stdin closes."""
     import numpy as np
 
@@ -33,36 +92,39 @@ def serve(requests: TextIO, replies: TextIO) -> None:
     from bench.submissions.kinds import KIND_LOADERS
     from bench.submissions.predictors import case_from_json, describe_exception
 
-    _reply(replies, ok=True, ready=True)  # start-up done: the model's time limit starts with the next request
+    budget = _CpuBudget()
+    replies.send(ok=True, ready=True)  # start-up done: the model's time limit starts with the next request
     model = None
     for line in requests:
         request = json.loads(line)
+        nonce = request.get("nonce", "")
+        budget.renew()
         try:
             if "submission" in request:
                 submission = load_submission(request["submission"])
                 options = PredictorOptions(**request["options"])
                 model = KIND_LOADERS[submission.kind].build(submission, options)
-                _reply(replies, ok=True)
+                replies.send(nonce=nonce, ok=True)
                 continue
             case = case_from_json(request["case"])
             result = model.predict(case)  # type: ignore[union-attr]
             if not isinstance(result, np.ndarray):
-                _reply(replies, ok=False, error="InvalidPrediction",
-                       message=f"the model returned {type(result).__name__}, expected a numpy array",
-                       fix="return a numpy array (e.g. mask.astype(bool)); convert tensors with .cpu().numpy()")
+                replies.send(nonce=nonce, ok=False, error="InvalidPrediction",
+                             message=f"the model returned {type(result).__name__}, expected a numpy array",
+                             fix="return a numpy array (e.g. mask.astype(bool)); convert tensors with .cpu().numpy()")
                 continue
             if result.dtype == object:
-                _reply(replies, ok=False, error="InvalidPrediction", message="the model returned an object array",
-                       fix="return a boolean or numeric numpy array")
+                replies.send(nonce=nonce, ok=False, error="InvalidPrediction", message="the model returned an object array",
+                             fix="return a boolean or numeric numpy array")
                 continue
             np.save(request["output"], result, allow_pickle=False)
-            _reply(replies, ok=True)
+            replies.send(nonce=nonce, ok=True)
         except PredictionError as exc:
-            _reply(replies, ok=False, error=type(exc).__name__, message=exc.message, fix=exc.fix)
+            replies.send(nonce=nonce, ok=False, error=type(exc).__name__, message=exc.message, fix=exc.fix)
         except BaseException as exc:  # the model's own errors, SystemExit included
             stage = "loading the model" if "submission" in request else "predicting"
-            _reply(replies, ok=False, error="PredictionCrash", message=f"{stage} failed: {describe_exception(exc)}",
-                   fix="run the model on this case locally and fix the error shown")
+            fix = _memory_hint(exc) or "run the model on this case locally and fix the error shown"
+            replies.send(nonce=nonce, ok=False, error="PredictionCrash", message=f"{stage} failed: {describe_exception(exc)}", fix=fix)
             if isinstance(exc, KeyboardInterrupt):
                 raise
 
@@ -72,6 +134,7 @@ def _exit_when_orphaned(interval_s: float = 1.0) -> None:
 
     The worker runs in its own session (so a timeout can kill its whole process group), which also means
     signals sent to the parent's group do not reach it; polling the parent id catches the re-parenting.
+    In the sandbox the parent is bwrap's init, which ``--die-with-parent`` ends along with the namespace.
     """
     import threading
     import time
@@ -87,12 +150,27 @@ def _exit_when_orphaned(interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
+def _reply_fd(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--reply-fd" or not argv[1].isdigit():
+        sys.exit("usage: python -m bench.submissions.runner --reply-fd N (started by HIE-Bench, not by hand)")
+    return int(argv[1])
+
+
+def _private_requests() -> BinaryIO:
+    """Stdin moved to a close-on-exec descriptor; descriptor 0 becomes /dev/null for everyone else."""
+    private = os.dup(0)  # os.dup makes non-inheritable descriptors
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return os.fdopen(private, "rb")
+
+
 def main() -> None:
+    fd = _reply_fd(sys.argv[1:])
+    os.set_inheritable(fd, False)  # children of the model must not inherit the channel
+    requests = _private_requests()
     _exit_when_orphaned()
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    serve(sys.stdin, replies)
+    serve(io.TextIOWrapper(requests, encoding="utf-8"), _Replies(fd))
 
 
 if __name__ == "__main__":

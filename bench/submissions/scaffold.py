@@ -1,7 +1,10 @@
-"""``bench submission new NAME --kind K``: a new submission folder that already passes ``verify``.
+"""``bench submission new NAME --kind K``: a new submission folder that passes ``verify`` once it is signed.
 
 Every scaffold implements the BONBID-HIE baseline (lesion = Z-ADC < -2 inside the brain) in its
-kind's format, so the folder verifies as written and shows exactly where a real model goes:
+kind's format, so the model runs as written and shows exactly where a real model goes. Authors and
+description not given are written as the placeholders :data:`PLACEHOLDER_AUTHOR` and
+:data:`PLACEHOLDER_MARK` ("TODO: ..."), which ``verify`` refuses: nobody enters a leaderboard as
+"Your Name" by accident. With ``authors`` and ``description`` given, the folder verifies as written.
 
 - ``python``: ``predict.py`` with ``predict(case, **options)``;
 - ``predictions``: ``predictions/<probe case>.nii.gz``, an empty mask for the probe case (replace the
@@ -28,6 +31,10 @@ from bench.submissions.probe import PROBE_CASE_ID, probe_geometry
 
 #: Kinds ``new`` can scaffold.
 SCAFFOLD_KINDS: tuple[str, ...] = ("python", "predictions", "torchscript", "onnx")
+#: Author written when none is given; ``verify`` reports it as an error.
+PLACEHOLDER_AUTHOR = "Your Name"
+#: Word that marks text still to write (the default description starts with it); ``verify`` refuses it.
+PLACEHOLDER_MARK = "TODO"
 
 _NETWORK_FIELDS = """\
 inputs:
@@ -55,9 +62,10 @@ def _write_python(folder: Path) -> str:
     write_text_atomic(folder / "predict.py", textwrap.dedent('''\
         """Predictor of this submission: ``predict(case, **options) -> mask``.
 
-        ``case`` is a bench.data.dataset.Case on its native grid (no label): read channels with
-        ``case.load_channel("ADC")`` / ``case.load_channel("Z-ADC")`` (float32, array order z, y, x).
-        Return a boolean (or 0/1) numpy array of the same shape. ``options`` come from submission.yaml.
+        ``case`` is a bench.data.dataset.Case on its native grid (no label). Each channel reader returns
+        a pair: ``array, geometry = case.load_channel("Z-ADC")`` (array: float32, order z, y, x;
+        geometry: spacing, origin, direction). Return a boolean (or 0/1) numpy array of that shape.
+        ``options`` come from submission.yaml.
         Load weights relative to this file (Path(__file__).parent), once, e.g. with functools.cache.
         """
 
@@ -138,9 +146,9 @@ _README = """\
 # {name}
 
 A HIE-Bench submission of kind `{kind}`, scaffolded by `bench submission new`. As written it runs the
-BONBID-HIE baseline (lesion = Z-ADC < -2 inside the brain) so that it passes
-`bench submission verify {folder}`. Replace the model, fill in `submission.yaml` (description, authors,
-licence) and verify again. Field reference: docs/submissions.md.
+BONBID-HIE baseline (lesion = Z-ADC < -2 inside the brain). Fill in `submission.yaml` (authors and
+description: `verify` refuses the placeholders "{author}" and "{mark}"; licence), replace the model, then run
+`bench submission verify {folder}`. Field reference: docs/submissions.md.
 """
 
 
@@ -171,9 +179,11 @@ def scaffold_submission(
     staging = Path(tempfile.mkdtemp(prefix=".new-", dir=submissions_dir))
     try:
         body = _WRITERS[kind](staging)
-        text = _manifest(name, kind, authors or ["Your Name"], description or f"TODO: describe {name}: model, training data, training.", body)
+        placeholder = f"{PLACEHOLDER_MARK}: describe {name}: model, training data, training."
+        text = _manifest(name, kind, authors or [PLACEHOLDER_AUTHOR], description or placeholder, body)
         write_text_atomic(staging / MANIFEST_NAME, text)
-        write_text_atomic(staging / "README.md", _README.format(name=name, kind=kind, folder=target.as_posix()))
+        readme = _README.format(name=name, kind=kind, folder=target.as_posix(), author=PLACEHOLDER_AUTHOR, mark=PLACEHOLDER_MARK)
+        write_text_atomic(staging / "README.md", readme)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -3,7 +3,8 @@
 :func:`verify_submission` returns every :class:`~bench.submissions.core.Problem` it finds, each with
 where it is and how to fix it; a submission passes when none has severity ``error``. It checks, in order:
 
-1. the manifest: YAML syntax, schema (required fields, unknown fields, values of its kind);
+1. the manifest: YAML syntax, schema (required fields, unknown fields, values of its kind), and no
+   placeholder left from the scaffold (an author "Your Name", a "TODO" in the description or authors);
 2. the folder: no symbolic links, every file the manifest names exists inside the folder, model
    formats parse, MONAI bundles and nnU-Net checkpoints need no code evaluation (unless trusted);
 3. a probe run (unless ``run_model=False``): the model predicts the built-in synthetic probe case
@@ -11,10 +12,14 @@ where it is and how to fix it; a submission passes when none has severity ``erro
    wrong shapes or label values and non-deterministic output are errors. ``predictions`` submissions are
    checked file by file instead, and against every case of ``dataset`` when one is given; other kinds
    also predict the first case of ``dataset``.
+
+``dataset`` is resolved as ``bench run --dataset`` resolves it: a dataset folder, or a name under the
+data root (:func:`bench.data.dataset.find_dataset`; ``HIE_BENCH_DATA_ROOT``, default ``datasets``).
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bench.submissions.core import PredictionError, Problem, Submission, _load_manifest, iter_content_files
+from bench.submissions.manifest import MANIFEST_NAME
 from bench.submissions.probe import PROBE_CASE_ID, write_probe_case
+from bench.submissions.scaffold import PLACEHOLDER_AUTHOR, PLACEHOLDER_MARK
 
 if TYPE_CHECKING:  # pragma: no cover
     from bench.data.dataset import Case
@@ -39,13 +46,15 @@ def verify_submission(
     run_model: bool = True,
     device: str = "auto",
     isolate: bool | None = None,
+    data_root: str | Path | None = None,
+    sandbox: bool = True,
 ) -> list[Problem]:
     """Check a submission folder; an empty list (or only warnings) means it passes.
 
     Args:
         path: the submission folder.
-        dataset: optional dataset folder; ``predictions`` are checked against all its cases, models are
-            also run on its first case.
+        dataset: optional dataset, a folder or a name under ``data_root``; ``predictions`` are checked
+            against all its cases, models are also run on its first case.
         trust_code: allow code evaluation where the manifest has ``allow_code: true``.
         time_limit_s: per-case limit for the probe runs; default the manifest's ``time_limit_s``.
         run_model: ``False`` limits verification to static checks (no submission code runs); used when
@@ -53,22 +62,24 @@ def verify_submission(
         device: device for the probe runs.
         isolate: run the model in a worker process (default: yes for every kind that runs code;
             ``python`` submissions are always isolated). ``False`` skips the worker start-up, for tests.
+        data_root: where dataset names are looked up (default: the settings' data root).
     """
     folder = Path(path).resolve()
     manifest, problems = _load_manifest(folder)
     if manifest is None:
         return problems
     submission = Submission(path=folder, manifest=manifest)
+    problems += _placeholder_problems(manifest)
     problems += _folder_problems(submission)
     from bench.submissions.kinds import KIND_LOADERS
 
     problems += KIND_LOADERS[submission.kind].check(submission, trust_code=trust_code)
     if _has_errors(problems) or not run_model or submission.trains:
         return problems
-    dataset_cases = _dataset_cases(dataset, problems)
+    dataset_cases = _dataset_cases(dataset, problems, data_root)
     with tempfile.TemporaryDirectory(prefix="hiebench-probe-") as probe_dir:
         probe = write_probe_case(probe_dir)
-        predictor = submission.predictor(time_limit_s=time_limit_s, device=device, trust_code=trust_code, isolate=isolate)
+        predictor = submission.predictor(time_limit_s=time_limit_s, device=device, trust_code=trust_code, isolate=isolate, sandbox=sandbox)
         with predictor:
             if submission.kind == "predictions":
                 problems += _check_predictions(predictor, probe, dataset_cases)
@@ -81,6 +92,23 @@ def _has_errors(problems: list[Problem]) -> bool:
     return any(p.severity == "error" for p in problems)
 
 
+def _placeholder_problems(manifest: Any) -> list[Problem]:
+    """The scaffold's placeholders still in the manifest: a leaderboard would show them as if real."""
+    problems = []
+    for author in manifest.authors:
+        if author.strip().casefold() == PLACEHOLDER_AUTHOR.casefold() or _marked(author):
+            problems.append(Problem("error", f"{MANIFEST_NAME}: authors", f"placeholder author {author!r}",
+                                    "list the real author names under 'authors' (or scaffold with --author NAME)"))
+    if _marked(manifest.description):
+        problems.append(Problem("error", f"{MANIFEST_NAME}: description", f"the description still holds the placeholder {PLACEHOLDER_MARK!r}",
+                                "describe the model: architecture, training data and schedule (or scaffold with --description TEXT)"))
+    return problems
+
+
+def _marked(text: str) -> bool:
+    return re.search(rf"\b{PLACEHOLDER_MARK}\b", text) is not None
+
+
 def _folder_problems(submission: Submission) -> list[Problem]:
     problems = []
     for relative in iter_content_files(submission.path):
@@ -90,15 +118,18 @@ def _folder_problems(submission: Submission) -> list[Problem]:
     return problems
 
 
-def _dataset_cases(dataset: str | Path | None, problems: list[Problem]) -> list["Case"]:
+def _dataset_cases(dataset: str | Path | None, problems: list[Problem], data_root: str | Path | None) -> list["Case"]:
     if dataset is None:
         return []
-    from bench.data.dataset import Dataset, DatasetError
+    from bench.data.dataset import Dataset, DatasetError, find_dataset
+    from bench.settings import BenchSettings
 
     try:
-        return list(Dataset.load(dataset).cases)
+        folder = find_dataset(dataset, data_root if data_root is not None else BenchSettings().data_root)
+        return list(Dataset.load(folder).cases)
     except DatasetError as exc:
-        problems.append(Problem("error", f"--dataset {dataset}", str(exc), "pass a HIE-Bench dataset folder (bench data ...)"))
+        problems.append(Problem("error", f"--dataset {dataset}", str(exc),
+                                "pass a dataset folder or the name of one under the data root (bench data list shows them)"))
         return []
 
 

@@ -48,10 +48,13 @@ with top_right:
     sort_metric = ui.metric_picker("Sort by", key="cases_metric", help="Worst cases first (failed cases on top).")
 metrics = tuple(dict.fromkeys([sort_metric, *(m for m in queries.CASE_TABLE_METRICS if m in METRICS)]))
 frame = ui.case_frame(ctx.url, ctx.version, scope, metrics, runs)
-submissions = sorted(frame["submission"].astype(str).unique())
+rank_metric = ui.ranking_metric()
+# Best first, as the leaderboard ranks them: the page opens on the submission most worth studying.
+submissions = ui.ranked_submissions(ctx.url, ctx.version, scope, rank_metric, runs)
 with top_left:
-    ui.keep_valid("submission", submissions)
-    submission = st.selectbox("Submission", submissions, key="submission", bind="query-params")
+    ui.url_choice("submission", submissions)
+    submission = st.selectbox("Submission", submissions, key="submission", help=f"Listed by rank on the leaderboard's metric ({rank_metric}), best first.")
+    ui.write_to_url("submission", submission)
 
 cases_meta = ui.dataset_cases(ctx.url, ctx.version, dataset_version)
 table = queries.case_table(frame, submission, cases_meta, metrics)

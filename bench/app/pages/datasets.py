@@ -17,8 +17,14 @@ if table.empty:
     ui.empty_state(ctx.source)
     st.stop()
 
-labels = {row.version: f"{row.name} · {row.version}" for row in table.itertuples()}
+# The result pages' stable order and address (?dataset=NAME or VERSION); opens on the scope's dataset.
+ordered = table.sort_values(["name", "version"])
+labels = {row.version: f"{row.name} · {row.version}" for row in ordered.itertuples()}
+if "datasets_dataset" not in st.session_state and st.session_state.get("scope_dataset") in labels:
+    st.session_state["datasets_dataset"] = st.session_state["scope_dataset"]
+ui.url_choice("dataset", list(labels), key="datasets_dataset", aliases=ordered.drop_duplicates("name").set_index("name")["version"].to_dict())
 version = st.selectbox("Dataset", list(labels), format_func=labels.__getitem__, key="datasets_dataset", persist_state="session")
+ui.write_to_url("dataset", version)
 info = table[table["version"] == version].iloc[0]
 cases = ui.dataset_cases(ctx.url, ctx.version, version)
 root = ui.dataset_root(ctx, version)

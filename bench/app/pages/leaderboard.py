@@ -26,7 +26,7 @@ st.caption(
 
 left, middle, right = st.columns([3, 4, 2], vertical_alignment="top")
 with left:
-    metric = ui.metric_picker("Ranking metric", key="board_metric", help="The leaderboard ranks by the mean of this metric.")
+    metric = ui.metric_picker("Ranking metric", key=ui.LEADERBOARD_METRIC_KEY, help="The leaderboard ranks by the mean of this metric.")
 with middle:
     extra_options = [m for m in METRICS if m != metric]
     extra = st.multiselect(

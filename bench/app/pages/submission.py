@@ -44,7 +44,8 @@ if runs is None or runs.empty:
     st.caption("No run of this submission yet.")
 else:
     st.dataframe(
-        runs[["run_id", "dataset", "protocol", "convention", "run_status", "n_cases", "n_failed", "started_at", "finished_at", "device", "code_version"]],
+        runs[[c for c in ("run_id", "dataset", "protocol", "convention", "lesion_rule", "run_status", "n_cases", "n_failed", "isolation",
+                          "budget_used", "started_at", "finished_at", "device", "code_version") if c in runs]],
         hide_index=True,
         width="stretch",
         key="card_runs",
@@ -56,6 +57,9 @@ else:
             "started_at": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm"),
             "finished_at": st.column_config.DatetimeColumn("finished", format="YYYY-MM-DD HH:mm"),
             "code_version": "code version",
+            "lesion_rule": "lesions matched",
+            "isolation": "predictions isolated by",
+            "budget_used": "training budget used",
         },
     )
 

@@ -63,7 +63,7 @@ columns = st.columns([3, 2, 1])
 dataset_label = columns[0].selectbox("Dataset", list(choices), key="submit_dataset")
 protocol = columns[1].radio("Protocol", list(queries.PROTOCOL_LABELS), format_func=queries.PROTOCOL_LABELS.__getitem__, key="submit_protocol", horizontal=True)
 folds = columns[2].number_input("Folds", min_value=2, max_value=10, value=5, key="submit_folds", disabled=protocol != "kfold")
-replace = st.checkbox("Replace an earlier upload with the same name", key="submit_replace")
+replace = st.checkbox(uploads.REPLACE_LABEL, key="submit_replace")
 
 # -- 3. check --------------------------------------------------------------------------------------------------------------
 st.subheader("3 · Check")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.models.networks import aniso_unet, attention_unet, basic_unet, dynunet, segresnet, unet
+from bench.models.networks import aniso_unet, attention_unet, basic_unet, dynunet, segresnet, segresnet_ds, swin_unetr, unet
 from bench.models.networks.base import NetworkContext, NetworkEntry, StagePlan, plan_stages
 
 NETWORKS: dict[str, NetworkEntry] = {
@@ -21,6 +21,8 @@ NETWORKS: dict[str, NetworkEntry] = {
     "attention_unet": attention_unet.ENTRY,
     "dynunet": dynunet.ENTRY,
     "aniso_unet": aniso_unet.ENTRY,
+    "segresnet_ds": segresnet_ds.ENTRY,
+    "swin_unetr": swin_unetr.ENTRY,
 }
 
 

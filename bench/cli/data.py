@@ -17,6 +17,8 @@ from typing import Iterator, Optional
 import typer
 
 app = typer.Typer(no_args_is_help=True, help="Create, import and inspect datasets.")
+#: k of the k-fold splits ``synth`` stores unless ``--folds`` says otherwise (the harness's default k).
+SYNTH_FOLDS = 5
 
 
 def _data_root() -> Path:
@@ -91,13 +93,20 @@ def synth_command(
     size: str = typer.Option("full", "--size", help="Grid size: full (realistic 128-256 x 23-60), small (64x64x16, CPU demo) or tiny (32x32x8, tests)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Dataset folder to write [default: <data root>/hie-synth]."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes [default: one per CPU core]."),
-    folds: int = typer.Option(5, "--folds", min=2, help="Number of k-fold splits stored with the dataset."),
+    folds: Optional[int] = typer.Option(
+        None, "--folds", min=2, help=f"Number of site-stratified k-fold splits stored in splits.json, at most --cases [default: {SYNTH_FOLDS}]."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing dataset at --out."),
 ) -> None:
     """Generate a synthetic multi-site neonatal HIE dataset (ADC, Z-ADC, lesion labels)."""
     from bench.data.synth import generate_synthetic_dataset
 
     target = out or _data_root() / "hie-synth"
+    if folds is not None and folds > cases:
+        # Checked before generating: splits.json would hold no k-fold entry at all, and say nothing.
+        typer.echo(f"Error: --folds {folds} needs at least {folds} cases, got --cases {cases}: use --folds {max(cases, 2)} or more cases.", err=True)
+        raise typer.Exit(1)
+    folds = SYNTH_FOLDS if folds is None else folds
     with _user_errors():
         start = time.perf_counter()
         dataset = generate_synthetic_dataset(
@@ -105,7 +114,22 @@ def synth_command(
         )
         elapsed = time.perf_counter() - start
     typer.echo(f"Generated {len(dataset)} cases from {len(dataset.sites)} sites in {elapsed:.1f} s -> {dataset.root} (version {dataset.version})")
+    _print_stored_folds(dataset)
     _print_site_table(dataset)
+
+
+def _print_stored_folds(dataset) -> None:
+    """Say which splits ``splits.json`` holds, and how to run with them (a run with another k computes its own)."""
+    from bench.constants import PROTOCOLS
+
+    stored = dataset.stored_splits() or {}
+    kfold = stored.get("kfold")
+    others = [protocol for protocol in PROTOCOLS if protocol != "kfold" and protocol in stored]
+    if kfold:
+        first = f"kfold with k={kfold['k']} (seed {kfold['seed']}; run them with `bench run ... --folds {kfold['k']}`)"
+    else:
+        first = f"no kfold (fewer cases than {SYNTH_FOLDS} folds: pass --folds K with K <= --cases)"
+    typer.echo("Stored splits: " + ", ".join([first, *others]))
 
 
 @app.command("import-bonbid")
@@ -218,7 +242,7 @@ def verify_command(name: str = typer.Argument(..., help="Dataset name or folder.
 @app.command("splits")
 def splits_command(
     name: str = typer.Argument(..., help="Dataset name or folder."),
-    protocol: str = typer.Option("kfold", "--protocol", help="kfold (site-stratified) or loso (leave one site out)."),
+    protocol: str = typer.Option("kfold", "--protocol", help="kfold (site-stratified), loso (leave one site out) or holdout (one stored train/test split)."),
     k: int = typer.Option(5, "--k", min=2, help="Number of folds for kfold."),
     seed: int = typer.Option(0, "--seed", help="Seed of the kfold shuffle."),
     nnunet_out: Optional[Path] = typer.Option(None, "--nnunet-out", help="Also write the folds as nnU-Net's splits_final.json here."),

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from bench.cli.common import UnsafeNoSandboxOption, require_sandbox
+
 if TYPE_CHECKING:  # pragma: no cover
     from bench.submissions import Problem
 
@@ -54,16 +56,25 @@ def _exit_on_errors(problems: list["Problem"], title: str) -> None:
 @app.command("verify")
 def verify_command(
     path: Path = typer.Argument(..., help="Submission folder (holds submission.yaml)."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Also check against this dataset's cases."),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", "-d", help="Also check against this dataset's cases: a name under the data root or a dataset folder (as bench run)."
+    ),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the datasets (default: $HIE_BENCH_DATA_ROOT, else datasets/)."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow code evaluation where the manifest sets allow_code: true."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", min=0.1, help="Seconds per case (default: the manifest's)."),
     static: bool = typer.Option(False, "--static", help="Only check manifest and files; run no model code."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    unsafe_no_sandbox: bool = UnsafeNoSandboxOption,
 ) -> None:
     """Check a submission strictly: manifest, files, and a probe run (shape, labels, determinism, time)."""
     from bench.submissions import load_submission, verify_submission
 
-    problems = verify_submission(path, dataset=dataset, trust_code=trust_code, time_limit_s=time_limit, run_model=not static, device=device)
+    if not static:
+        require_sandbox(unsafe_no_sandbox)
+    problems = verify_submission(
+        path, dataset=dataset, data_root=data_root, trust_code=trust_code, time_limit_s=time_limit, run_model=not static, device=device,
+        sandbox=not unsafe_no_sandbox,
+    )
     _exit_on_errors(problems, f"bench submission verify {path}")
     submission = load_submission(path)
     typer.secho(
@@ -79,16 +90,20 @@ def new_command(
     kind: str = typer.Option(..., "--kind", "-k", help="python, predictions, torchscript or onnx."),
     directory: Path = typer.Option(Path("submissions"), "--dir", help="Folder of submissions."),
     author: Optional[list[str]] = typer.Option(None, "--author", help="Author name (repeatable)."),
+    description: Optional[str] = typer.Option(None, "--description", help="What the model is and how it was trained."),
 ) -> None:
-    """Scaffold a submission folder that passes verify (the Z-ADC baseline in the chosen format)."""
+    """Scaffold a submission folder (the Z-ADC baseline in the chosen format); verify passes once it names
+    its authors and description."""
     from bench.submissions import SubmissionError, scaffold_submission
 
     try:
-        folder = scaffold_submission(name, kind, directory, authors=author)
+        folder = scaffold_submission(name, kind, directory, authors=author, description=description)
     except SubmissionError as exc:
         _exit_on_errors(exc.problems, f"bench submission new {name}")
         raise
-    typer.echo(f"Created {folder}. Next: edit it, then run: bench submission verify {folder}")
+    missing = [field for field, given in (("authors", author), ("description", description)) if not given]
+    todo = f"fill in {' and '.join(missing)} in {folder / 'submission.yaml'} (verify refuses the placeholders), " if missing else ""
+    typer.echo(f"Created {folder}. Next: {todo}replace the model, then run: bench submission verify {folder}")
 
 
 @app.command("add")

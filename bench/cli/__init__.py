@@ -1,8 +1,11 @@
 """The ``bench`` command line: a thin layer that parses options and calls the library.
 
-Every command is also a plain Python function in the module that owns it, so what the CLI does can be
-scripted and tested without a shell. Heavy libraries are imported inside the commands, which keeps
-``bench --help`` fast.
+Commands live in this package (``bench/cli/<command>.py``); each parses its options and calls a plain
+library function, so what the CLI does can be scripted and tested without a shell. Library modules do
+not import typer. Heavy libraries are imported inside the commands, which keeps ``bench --help`` fast.
+
+:func:`main` is the entry point: a user error is one line, ``error: <what> (fix: <how>)``, never a
+traceback; ``--debug`` anywhere on the command line shows the traceback.
 """
 
 from __future__ import annotations
@@ -11,15 +14,18 @@ import typer
 
 from bench import __version__
 from bench.app.perf import app_command as app_perf_command
-from bench.data.cli import app as data_app
-from bench.demo import demo_command
-from bench.evaluate import evaluate_command
-from bench.harness import run_command
+from bench.cli.data import app as data_app
+from bench.cli.common import guard_commands
+from bench.cli.demo import demo_command
+from bench.cli.doctor import doctor_command
+from bench.cli.evaluate import evaluate_command
+from bench.cli.run import run_command
 from bench.models.perf import models_command
 from bench.perf import app as perf_app
-from bench.report import export_command, leaderboard_command, report_command
-from bench.submission_cli import app as submission_app
-from bench.worker import worker_command
+from bench.cli.readout import readout_command
+from bench.cli.report import export_command, leaderboard_command, report_command
+from bench.cli.submission import app as submission_app
+from bench.cli.worker import worker_command
 
 app = typer.Typer(
     name="bench",
@@ -38,8 +44,10 @@ app.command("run")(run_command)
 app.command("leaderboard")(leaderboard_command)
 app.command("report")(report_command)
 app.command("export")(export_command)
+app.command("readout")(readout_command)
 app.command("demo")(demo_command)
 app.command("worker")(worker_command)
+app.command("doctor")(doctor_command)
 
 
 def _version(value: bool) -> None:
@@ -55,5 +63,19 @@ def main(
     """HIE-Bench command line."""
 
 
+guard_commands(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``bench`` entry point; ``--debug`` may stand anywhere on the command line."""
+    import sys
+
+    from bench.cli import common
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    common.DEBUG = "--debug" in args
+    app(args=[a for a in args if a != "--debug"], prog_name="bench")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

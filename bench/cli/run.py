@@ -1,0 +1,89 @@
+"""``bench run``: benchmark submissions on a dataset (parses options, calls :mod:`bench.harness`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from bench.cli.common import CliError, DataRootOption, DbOption, ResultsOption, UnsafeNoSandboxOption, check_choice, require_sandbox, settings
+from bench.constants import DEFAULT_CONVENTION, DEFAULT_LESION_RULE, DEFAULT_PROTOCOL, DEFAULT_SCHEDULE, PROTOCOLS, SCHEDULES
+
+
+def run_command(
+    submissions: list[Path] = typer.Argument(..., help="Submission folders (each with a submission.yaml).", exists=True, file_okay=False),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name under the data root, or a path to a dataset folder."),
+    protocol: list[str] = typer.Option([DEFAULT_PROTOCOL], "--protocol", "-p", help=f"{', '.join(PROTOCOLS)} (repeat the option for several)."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Number of folds of the site-stratified k-fold."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the k-fold split and of the stratified holdout."),
+    convention: str = typer.Option(DEFAULT_CONVENTION, "--convention", help="Metric convention: bench (default), medpy, monai, deepmind, bonbid2023, bonbid2024 (docs/metrics.md)."),
+    schedule: str = typer.Option(DEFAULT_SCHEDULE, "--schedule", help="Training schedule of trainable submissions: auto (gpu if torch can use CUDA), cpu or gpu."),
+    lesion_rule: str = typer.Option(DEFAULT_LESION_RULE, "--lesion-rule", help="How lesions are matched: one_to_one (IoU >= 0.1, as panoptica), min_iou or any_overlap."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Run this many fold units in parallel local processes (one GPU each)."),
+    executor: str = typer.Option("local", "--executor", help="local (processes on this machine) or ray (a Ray cluster; docs/cluster.md)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster: auto, HOST:6379 or ray://HOST:10001 (default: a private local instance)."),
+    unsafe_no_sandbox: bool = UnsafeNoSandboxOption,
+    data_root: Path | None = DataRootOption,
+    results_dir: Path | None = ResultsOption,
+    db: str | None = DbOption,
+) -> None:
+    """Benchmark submissions on a dataset: train per fold if trainable, predict held-out cases, score, store.
+
+    Rerunning the same command resumes: finished cases are skipped and trained folds are reloaded.
+    Exits 1 when every case of a run failed, naming the most frequent reasons.
+    """
+    from rich.console import Console
+
+    from bench.executors import EXECUTORS, RayUnavailable, make_executor
+    from bench.harness import RunSpec, UnitResult, run_benchmark
+    from bench.lesionwise import MATCH_RULES
+    from bench.metrics import CONVENTIONS
+
+    console = Console()
+    config = settings(data_root, results_dir, db)
+    dataset_path = config.dataset_path(dataset)
+    for name in protocol:
+        check_choice("protocol", name, PROTOCOLS)
+    check_choice("convention", convention, tuple(CONVENTIONS))
+    check_choice("schedule", schedule, SCHEDULES)
+    check_choice("lesion rule", lesion_rule, MATCH_RULES)
+    check_choice("executor", executor, EXECUTORS)
+    require_sandbox(unsafe_no_sandbox)
+    specs = [
+        RunSpec(submission=path.resolve(), dataset=dataset_path, protocol=name, folds=folds, seed=seed, convention=convention,
+                lesion_rule=lesion_rule, schedule=schedule, sandbox=not unsafe_no_sandbox, results_dir=config.results_dir.resolve(), db_url=config.database_url)
+        for path in submissions
+        for name in protocol
+    ]
+
+    def report(result: UnitResult) -> None:
+        status = "[red]failed[/red]" if result.error or result.failed else "[green]ok[/green]"
+        console.print(f"  {status} run {result.run_id} {result.fold}: scored {result.scored}, failed {result.failed}, "
+                      f"already stored {result.skipped}" + (f", trained in {result.train_s:.1f} s" if result.train_s else ""))
+        if result.error:
+            console.print(f"[dim]{result.error.strip().splitlines()[-1]}[/dim]")
+
+    console.print(f"Benchmarking {len(submissions)} submission(s) on {dataset_path} ({', '.join(protocol)}); results in {config.database_url}")
+    try:
+        runner = make_executor(executor, workers=workers, ray_address=ray_address)
+    except RayUnavailable as exc:
+        raise CliError(str(exc), "pip install -e '.[ray]', or run with --executor local") from exc
+    by_run = run_benchmark(specs, on_result=report, executor=runner)
+    failed = sum(r.failed for results in by_run.values() for r in results)
+    console.print(f"Done: {len(by_run)} run(s); {failed} case(s) failed. See `bench leaderboard --db {config.database_url}`.")
+    _fail_if_nothing_scored(by_run, config.database_url)
+
+
+def _fail_if_nothing_scored(by_run: dict, db_url: str) -> None:
+    """A run in which every case failed is an error: say why, exit 1."""
+    from bench.store import Store
+
+    empty = [run_id for run_id, results in by_run.items() if results and not any(r.scored or r.skipped for r in results)]
+    if not empty:
+        return
+    store = Store.from_url(db_url)
+    reasons = []
+    for run_id in empty:
+        reasons += [f"{error.splitlines()[0][:200]} ({count} case(s))" for error, count in store.failure_reasons(run_id, limit=2)]
+    raise CliError(f"every case failed in {len(empty)} run(s): " + "; ".join(dict.fromkeys(reasons)),
+                   "fix the error shown and rerun the same command (failed cases are retried)", code=1)
