@@ -267,7 +267,7 @@ def test_the_gpu_check_dry_run_passes_on_the_cpu(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from bench.gpu_check import shipped_trainables
-    from bench.perf import app
+    from bench.cli.perf import app
 
     started = time.perf_counter()
     result = CliRunner().invoke(app, ["gpu", "--device", "cpu", "--tiny", "--work-dir", str(tmp_path), "--output", str(tmp_path / "gpu.csv")])

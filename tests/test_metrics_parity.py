@@ -228,7 +228,7 @@ def test_worked_example_numbers_are_the_ones_in_the_docs():
 
 
 def test_metrics_benchmark_runs_and_agrees():
-    from bench.perf import CaseGeometry, run_metrics_benchmark
+    from bench.perf.metrics import CaseGeometry, run_metrics_benchmark
 
     frame = run_metrics_benchmark(
         cases=2, repeats=1, geometries=(CaseGeometry("toy", (8, 32, 32), (2.0, 0.9, 0.9)),), seed=1

@@ -100,3 +100,12 @@ def test_prediction_paths_are_absolute_whatever_the_working_folder(synthetic_dat
     paths = Store.from_url(spec.db_url).case_results_frame(details=True)["prediction_path"]
     assert len(paths) == len(synthetic_dataset.cases)
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
+
+
+def test_bench_perf_harness_measures_the_overhead_per_case(tmp_path: Path) -> None:
+    """The benchmark runs at a tiny size and reports both isolation settings (no timing is asserted)."""
+    from bench.perf.harness import run_harness_benchmark
+
+    frame = run_harness_benchmark(cases=4, sites=2, size="tiny", cli=False, work_dir=tmp_path)
+    assert list(frame["isolation"]) == ["bubblewrap", "none"] and (frame["cases"] == 4).all()
+    assert (frame["overhead_per_case_s"] > -1).all()

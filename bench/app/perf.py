@@ -30,7 +30,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import typer
 
 from bench.report import DEFAULT_METRICS
 
@@ -152,14 +151,6 @@ def print_timings(result: dict[str, float]) -> None:
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value:,.0f}" if key == "rows" else f"{key:<{width}}  {value:.3f} s")
-
-
-def app_command(
-    rows: int = typer.Option(100_000, "--rows", min=100, help="Per-case rows in the temporary database."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Each timing is the best of this many."),
-) -> None:
-    """Server time of the app's leaderboard page on a database with many per-case rows (cold and cached)."""
-    print_timings(time_leaderboard_page(rows, repeats=repeats))
 
 
 if __name__ == "__main__":  # pragma: no cover

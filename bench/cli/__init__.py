@@ -13,7 +13,6 @@ from __future__ import annotations
 import typer
 
 from bench import __version__
-from bench.app.perf import app_command as app_perf_command
 from bench.cli.data import app as data_app
 from bench.cli.common import guard_commands
 from bench.cli.demo import demo_command
@@ -21,7 +20,7 @@ from bench.cli.doctor import doctor_command
 from bench.cli.evaluate import evaluate_command
 from bench.cli.run import run_command
 from bench.models.perf import models_command
-from bench.perf import app as perf_app
+from bench.cli.perf import app as perf_app
 from bench.cli.readout import readout_command
 from bench.cli.report import export_command, leaderboard_command, report_command
 from bench.cli.submission import app as submission_app
@@ -36,7 +35,6 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data", help="Create, import and inspect datasets.")
 perf_app.command("models")(models_command)
-perf_app.command("app")(app_perf_command)
 app.add_typer(perf_app, name="perf", help="Speed benchmarks against the reference libraries.")
 app.add_typer(submission_app, name="submission", help="Verify, scaffold and add model submissions.")
 app.command("evaluate")(evaluate_command)

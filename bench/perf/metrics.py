@@ -1,15 +1,8 @@
-"""Speed benchmarks: ``bench perf <command>``.
+"""``bench perf metrics``: :func:`bench.metrics.compute_metrics` against medpy, MONAI and surface-distance.
 
-Each command builds its workload in memory, measures HIE-Bench against the
-reference implementations on the same inputs in the same run, checks that they
-agree and prints a table. The measurement itself is a plain function returning a
-``pandas.DataFrame`` (tested with tiny sizes); the command only parses options
-and prints. A new benchmark is one more ``@app.command`` function beside
-:func:`metrics_command`, reusing :func:`single_thread`, :func:`median_cpu_ms` and
-:func:`print_frame`.
-
-Heavy libraries (torch, MONAI, medpy, surface-distance, pandas, rich) are
-imported inside the functions so that ``bench --help`` stays fast.
+The workload is built in memory (:func:`synthetic_lesion_case`: small multifocal lesions and a
+false-positive speckle); every implementation runs on the same cases in the same run, and the result
+says whether they agree (each library against HIE-Bench in the convention that reproduces it).
 """
 
 from __future__ import annotations
@@ -22,91 +15,16 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import typer
 
 if TYPE_CHECKING:
     import pandas as pd
 
 T = TypeVar("T")
 
-app = typer.Typer(
-    help="Measure HIE-Bench's speed against reference implementations on synthetic cases.",
-    no_args_is_help=True,
-)
-
-
-@app.callback()
-def _perf() -> None:
-    """Speed benchmarks (a group even while it has one command, so `bench perf metrics` stays stable)."""
-
-
-# ---------------------------------------------------------------------------
-# Shared measurement helpers
-# ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def single_thread(*, torch: bool = False) -> Iterator[str]:
-    """Limit BLAS/OpenMP pools (threadpoolctl) and, with ``torch=True``, torch to one thread.
-
-    Yields a sentence describing what was pinned, for the report. Torch is imported
-    only when asked for (it takes seconds).
-    """
-    from threadpoolctl import threadpool_limits
-
-    pinned = ["BLAS/OpenMP pools limited to 1 thread (threadpoolctl)"]
-    with threadpool_limits(limits=1), contextlib.ExitStack() as restore:
-        if torch:
-            import torch as torch_module
-
-            restore.callback(torch_module.set_num_threads, torch_module.get_num_threads())
-            torch_module.set_num_threads(1)
-            pinned.append("torch.set_num_threads(1)")
-        yield "; ".join(pinned)
-
-
-def median_cpu_ms(function: Callable[[], T], repeats: int) -> tuple[float, T]:
-    """Median CPU time of ``repeats`` calls in milliseconds, and the last result.
-
-    CPU time of the whole process (``time.process_time``): with every pool pinned to
-    one thread it equals the wall time on an idle machine, and unlike the wall time
-    it does not grow when other jobs share the cores.
-    """
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.process_time()
-        result = function()
-        times.append(time.process_time() - start)
-    return 1000.0 * statistics.median(times), result
-
-
-def print_frame(frame: pd.DataFrame, title: str, columns: dict[str, str], caption: str = "") -> None:
-    """Print selected columns of a frame as a rich table (``columns``: name -> header)."""
-    import pandas as pd
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, caption=caption, caption_justify="left")
-    for name, header in columns.items():
-        numeric = pd.api.types.is_numeric_dtype(frame[name]) and not pd.api.types.is_bool_dtype(frame[name])
-        table.add_column(header, justify="right" if numeric else "left")
-    for _, row in frame.iterrows():
-        table.add_row(*(_format_cell(row[name]) for name in columns))
-    Console().print(table)
-
-
-def _format_cell(value: object) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if value != 0 and abs(value) < 1e-3:
-            return f"{value:.1e}"
-        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
-    return str(value)
-
+from bench.perf.common import median_cpu_ms, single_thread
 
 # ---------------------------------------------------------------------------
 # Synthetic cases: small multifocal lesions and a false-positive speckle
@@ -392,50 +310,7 @@ def _benchmark_geometry(
     return rows
 
 
-@app.command("metrics")
-def metrics_command(
-    cases: Annotated[int, typer.Option(min=1, help="Synthetic cases per image size.")] = 3,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per case of HIE-Bench (median kept).")] = 5,
-    library_repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per case of each library.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic case generator.")] = 0,
-    quick: Annotated[bool, typer.Option("--quick", help="One small image size: a smoke test, not a benchmark.")] = False,
-    library: Annotated[
-        list[str] | None, typer.Option(help="Library to compare with (repeatable): medpy, monai, surface-distance.")
-    ] = None,
-) -> None:
-    """Time compute_metrics (all keys) against medpy, MONAI and surface-distance on the same cases."""
-    try:
-        frame = run_metrics_benchmark(
-            cases=cases,
-            repeats=repeats,
-            library_repeats=library_repeats,
-            seed=seed,
-            geometries=QUICK_GEOMETRIES if quick else STANDARD_GEOMETRIES,
-            libraries=tuple(library) if library else tuple(CONTENDERS),
-        )
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from error
-    print_frame(
-        _with_verdicts(frame),
-        title="bench perf metrics: time per case, same cases, same run",
-        columns={
-            "geometry": "image",
-            "implementation": "implementation",
-            "computes": "computes",
-            "ms_per_case": "ms/case",
-            "verdict": "HIE-Bench speed-up",
-            "engine_same_convention_ms": "HIE-Bench in that convention, ms/case",
-            "agreement": "agrees to 1e-6 (max rel. diff)",
-        },
-        caption=(
-            f"{frame.attrs['cases']} case(s) per image; CPU time per case, {frame.attrs['threads']}. HIE-Bench "
-            "computes all keys with the default convention 'bench'; the agreement column compares each library "
-            "with HIE-Bench in the convention that reproduces it. Library inputs are prepared outside the timed call."
-        ),
-    )
-
-
-def _with_verdicts(frame: pd.DataFrame) -> pd.DataFrame:
+def with_verdicts(frame: pd.DataFrame) -> pd.DataFrame:
     """Add text columns: speed against the targets, and agreement."""
     verdicts, agreements = [], []
     for row in frame.itertuples():
@@ -453,48 +328,3 @@ def _with_verdicts(frame: pd.DataFrame) -> pd.DataFrame:
             verdicts.append(verdict)
             agreements.append(f"{'yes' if row.agrees else 'NO'} ({row.max_rel_diff:.1e})")
     return frame.assign(verdict=verdicts, agreement=agreements)
-
-
-@app.command("gpu")
-def gpu_command(
-    device: Annotated[str, typer.Option(help="auto (CUDA when torch can use it), cuda, cuda:N or cpu.")] = "auto",
-    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny cases, one iteration per epoch: the dry run (with --device cpu, what make test runs).")] = False,
-    work_dir: Annotated[Path | None, typer.Option(help="Keep run folders here instead of a temporary folder.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Also write the table as CSV.")] = None,
-) -> None:
-    """Train every shipped trainable entrant briefly on the GPU, time it beside nnUNetPredictor, and check
-    its numbers against the CPU on the same tiny case (one table; exit 1 if a parity check fails)."""
-    from bench.device import DeviceError
-    from bench.gpu_check import GpuCheckConfig, run_gpu_check
-
-    config = GpuCheckConfig.dry_run(device) if tiny else GpuCheckConfig(device=device)
-    try:
-        report = run_gpu_check(config, work_dir=work_dir, echo=typer.echo)
-    except DeviceError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from error
-    frame = report.frame.assign(parity=["ok" if ok else "FAILED" for ok in report.frame["parity_ok"]])
-    print_frame(
-        frame,
-        f"bench perf gpu on {report.device.device} ({report.device.name}): {config.size} cases",
-        columns={
-            "entrant": "entrant",
-            "patch_size": "patch (z×y×x)",
-            "batch_size": "batch",
-            "train_patches_per_s": "train patches/s",
-            "infer_s_per_case": "inference s/case (TTA)",
-            "infer_vs_nnunet": "× nnUNetPredictor",
-            "dice_device": f"Dice {report.device.device}",
-            "dice_cpu": "Dice cpu",
-            "mask_agreement": "mask agreement",
-            "parity": "parity",
-        },
-        caption=(f"torch {report.device.torch_version}, CUDA {report.device.cuda_version or '-'}, AMP {report.device.amp_dtype or 'off'}; "
-                 f"{report.elapsed_s:.0f} s in all (budget {config.budget_s:.0f} s{'' if report.within_budget else ': EXCEEDED'}). "
-                 f"Parity: same weights, tiny case, |ΔDice| and volume ≤ {config.dice_tolerance}, mask Dice ≥ {config.min_mask_agreement}."),
-    )
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        report.frame.to_csv(output, index=False)
-    if not report.passed:
-        raise typer.Exit(1)
