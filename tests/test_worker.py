@@ -105,3 +105,37 @@ def test_empty_queue_unknown_kinds_and_the_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["worker", "--once", "--poll-seconds", "0.1", "--db", str(tmp_path / "bench.db")])
     assert result.exit_code == 0, result.output
     assert "no queued job" in result.output
+
+
+def test_a_worker_killed_with_9_takes_its_job_process_with_it(tmp_path: Path, sample: SampleResults) -> None:
+    """The job's child process (and its sandboxed predictor) must not outlive a worker killed with -9."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    slow = tmp_path / "slow-model"
+    slow.mkdir()
+    (slow / "submission.yaml").write_text(
+        "name: slow-model\nversion: '1'\nauthors: [test]\ndescription: sleeps\nlicence: MIT\nkind: python\nentry: predict.py:predict\ntime_limit_s: 300\n"
+    )
+    (slow / "predict.py").write_text("import time\n\ndef predict(case):\n    time.sleep(300)\n")
+    store = Store(tmp_path / "bench.db")
+    job_id = queue(store, slow, sample.dataset, tmp_path / "results")
+    worker = subprocess.Popen([sys.executable, "-m", "bench.cli", "worker", "--once", "--db", str(tmp_path / "bench.db")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    children: list[int] = []
+    while time.monotonic() < deadline and not children:
+        time.sleep(0.5)
+        if store.get_job(job_id).status == "running":
+            out = subprocess.run(["pgrep", "-f", f"bench.worker {job_id}$"], capture_output=True, text=True).stdout
+            children = [int(pid) for pid in out.split()]
+    assert children, "the job's child process never started"
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in children):
+        time.sleep(0.2)
+    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]]
+    assert not alive, "the job process outlived its worker"
