@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 #: The submissions the demo benchmarks (folders under ``submissions/``).
-DEMO_SUBMISSIONS: tuple[str, ...] = ("zadc-threshold", "unet-monai", "nnunet-baseline")
+DEMO_SUBMISSIONS: tuple[str, ...] = ("zadc-threshold", "zadc-logreg", "unet-monai", "nnunet-baseline")
 
 
 def run_demo(

@@ -109,6 +109,8 @@ class UnitResult:
     failed: int = 0
     skipped: int = 0
     train_s: float = 0.0
+    #: The training budget this fold used (``BudgetUsed.to_dict()``), for trainable submissions.
+    budget: dict | None = None
     #: Wall time of the unit and peak memory of the process that ran it (the unit's own, with workers > 1).
     wall_s: float = 0.0
     peak_memory_mb: float = 0.0
@@ -133,7 +135,7 @@ class FoldUnit:
             return UnitResult(self.run_id, self.fold.name, skipped=len(self.fold.test))
         dataset = Dataset.load(self.spec.dataset)
         try:
-            predictor, train_s, shared = self._predictor(dataset)
+            predictor, train_s, shared, budget = self._predictor(dataset)
         except Exception as exc:  # a broken submission fails its cases, never the whole benchmark
             message = f"model could not be loaded or trained: {type(exc).__name__}: {exc}"
             for case_id in todo:
@@ -154,7 +156,8 @@ class FoldUnit:
         finally:  # a trained fold's predictor is this fold's only; a shared one serves the run's other folds
             if not shared:
                 predictor.close()
-        return UnitResult(self.run_id, self.fold.name, scored=scored, failed=failed, skipped=len(self.fold.test) - len(todo), train_s=train_s)
+        return UnitResult(self.run_id, self.fold.name, scored=scored, failed=failed, skipped=len(self.fold.test) - len(todo),
+                          train_s=train_s, budget=budget)
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -175,13 +178,16 @@ class FoldUnit:
         submission = load_submission(self.spec.submission)
         cache_dir = self.spec.results_dir.resolve() / "cache"
         if not submission.trains:  # predictions do not depend on the fold: one predictor process per run
-            return shared_predictor(self.run_id, lambda: submission.predictor(cache_dir=cache_dir, sandbox=self.spec.sandbox)), 0.0, True
+            return shared_predictor(self.run_id, lambda: submission.predictor(cache_dir=cache_dir, sandbox=self.spec.sandbox)), 0.0, True, None
         train_ids, val_ids = split_validation(dataset, self.fold.train, self.spec.val_fraction, self.spec.seed)
         trainable = submission.trainable(schedule=self.spec.schedule, cache_dir=cache_dir)
         start = time.perf_counter()
         model_dir = self.run_dir / "models" / self.fold.name
         fitted = trainable.fit([dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids], model_dir)
-        return fold_predictor(fitted, model_dir, cache_dir=cache_dir, sandbox=self.spec.sandbox), time.perf_counter() - start, False
+        train_s = time.perf_counter() - start
+        used = getattr(fitted, "budget_used", None)
+        budget = used.to_dict() if used is not None else None
+        return fold_predictor(fitted, model_dir, cache_dir=cache_dir, sandbox=self.spec.sandbox), train_s, False, budget
 
 
 #: The open predictor of a non-training submission, kept for the other folds of its run in this process
@@ -205,6 +211,21 @@ def close_shared_predictors() -> None:
 
 
 atexit.register(close_shared_predictors)
+
+
+def budget_summary(results: Sequence[UnitResult]) -> dict | None:
+    """The run's training budget, per fold and in one line for the card and the leaderboard (``None``:
+    the submission does not train)."""
+    folds = {r.fold: r.budget for r in results if r.budget}
+    if not folds:
+        return None
+    from bench.models.recipe import BudgetUsed
+
+    used = sum(b.get("used", 0) for b in folds.values())
+    planned = sum(b.get("planned", 0) for b in folds.values())
+    largest = BudgetUsed.from_dict(max(folds.values(), key=lambda b: b.get("used", 0)))
+    summary = f"{largest} per fold" if len(folds) > 1 else str(largest)
+    return {"summary": summary, "used": used, "planned": planned, "unit": largest.unit, "folds": folds}
 
 
 def fold_predictor(fitted, model_dir: Path, *, cache_dir: Path | None = None, sandbox: bool = True):
@@ -254,33 +275,44 @@ def split_validation(dataset: Dataset, train_ids: Sequence[str], fraction: float
 
 
 def score_case(predictor, case: Case, prediction_path: Path, convention: str, lesion_rule: str = DEFAULT_LESION_RULE) -> CaseResult:
-    """Predict one case, save the mask, score it; returns its :class:`~bench.results.CaseResult`.
+    """Predict one case, save the mask (and the probability map), score it; returns its :class:`~bench.results.CaseResult`.
 
     ``predictor`` is a guarded predictor (:meth:`bench.submissions.Submission.predictor` or
-    :func:`fold_predictor`): it has already blinded the case and checked the mask. Any failure of the
+    :func:`fold_predictor`): it has already blinded the case and checked the mask and the probability.
+    When the model gave a probability map, its ``uint8`` levels are stored in native space beside the mask
+    (:func:`bench.results.probability_path_for`, compressed, atomic) and scored
+    (:class:`~bench.results.ProbabilityScores`: Brier, ECE over the brain ``ADC > 0``, the AUROC of voxel
+    entropy for errors, lesion uncertainty); without one those fields stay ``None``. Any failure of the
     predictor becomes a failed result with the reason (and the fix); the benchmark goes on.
     The result has no run id yet (:meth:`CaseResult.with_run`).
     """
+    from dataclasses import replace
+
     import numpy as np
 
+    from bench.calibration import quantize
     from bench.imageio import write_image
     from bench.metrics import METRICS, compute_metrics_with_lesions
+    from bench.results import ProbabilityScores, probability_path_for
     from bench.submissions import PredictionError
+    from bench.submissions.guard import Prediction
 
     geometry = case.geometry
     start = time.perf_counter()
     try:
-        mask = predictor.predict(case)
+        both = getattr(predictor, "predict_with_probability", None)
+        prediction = both(case) if both is not None else Prediction(predictor.predict(case))
     except PredictionError as exc:  # the submission layer already says what happened and how to fix it
         return CaseResult.failed("", case.case_id, f"{exc.message} (fix: {exc.fix})" if exc.fix else exc.message, site=case.site)
     except Exception as exc:
         return CaseResult.failed("", case.case_id, f"prediction failed: {type(exc).__name__}: {exc}", site=case.site)
     predict_s = time.perf_counter() - start
     prediction_path = Path(prediction_path).resolve()
-    write_image(mask.astype(np.uint8), geometry, prediction_path)
+    write_image(prediction.mask.astype(np.uint8), geometry, prediction_path)
     start = time.perf_counter()
-    metrics, lesions = compute_metrics_with_lesions(mask, case.load_label(), geometry.spacing, convention=convention, lesion_rule=lesion_rule)
-    return CaseResult(
+    reference = case.load_label()
+    metrics, lesions = compute_metrics_with_lesions(prediction.mask, reference, geometry.spacing, convention=convention, lesion_rule=lesion_rule)
+    result = CaseResult(
         run_id="",
         case_id=case.case_id,
         site=case.site,
@@ -289,8 +321,14 @@ def score_case(predictor, case: Case, prediction_path: Path, convention: str, le
         lesions=LesionRow.from_matches(lesions),
         prediction_path=str(prediction_path),
         predict_s=predict_s,
-        score_s=time.perf_counter() - start,
     )
+    if prediction.probability is not None:
+        levels = quantize(prediction.probability)  # uint8 already after the guard; what is stored is what is scored
+        adc = case.load_channel("ADC")[0] if "ADC" in case.channel_names else None  # the brain: ADC > 0
+        scores = ProbabilityScores.of(levels, prediction.mask, reference, adc=adc, lesions=result.lesions)
+        stored = write_image(levels, geometry, probability_path_for(prediction_path))
+        result = result.with_probability(str(stored), scores)
+    return replace(result, score_s=time.perf_counter() - start)
 
 
 class Executor(Protocol):
@@ -398,7 +436,11 @@ def plan_run(spec: RunSpec) -> PlannedRun:
     if submission.trains:
         # "auto" resolves here, once, so a CPU run and a GPU run of the same recipe are different runs.
         spec = spec.model_copy(update={"schedule": resolve_schedule(spec.schedule)})
-        training = {"schedule": spec.schedule, "val_fraction": spec.val_fraction, "seed": spec.seed}
+        from bench.models.recipe import training_budget
+
+        # The budget is part of what a trained model is: a changed budget table is a different run.
+        training = {"schedule": spec.schedule, "val_fraction": spec.val_fraction, "seed": spec.seed,
+                    "budget": training_budget(spec.schedule).to_dict()}
     identity = run_id(
         training=training,
         submission_hash=submission.content_hash,
@@ -498,5 +540,6 @@ def run_benchmark(
             status="failed" if any(r.error for r in unit_results) else "done",
             timings={"train_s": sum(r.train_s for r in unit_results), "wall_s": sum(r.wall_s for r in unit_results)},
             peak_memory_mb=max((r.peak_memory_mb for r in unit_results), default=None),
+            budget=budget_summary(unit_results),
         )
     return by_run

@@ -16,7 +16,9 @@ The steps, in order (each one a small function below, applied with SimpleITK in 
    (ADC), estimated with SimpleITK's Mattes mutual information;
 5. **resample** (optional) onto a grid with the target spacing that keeps the field of view centred:
    images with linear or B-spline interpolation, labels with nearest neighbour, all channels in one
-   interpolation (registration transform included);
+   interpolation (registration transform included). The target is a fixed spacing or ``"median"``,
+   nnU-Net's rule on a set of training cases (:func:`nnunet_target_spacing`), which a trainer turns into
+   a fixed spacing with :meth:`PreprocessingConfig.resolved` before preprocessing;
 6. **brain mask**: reference channel above a threshold (``ADC > 0``: the maps are skull-stripped);
 7. **crop** to the bounding box of the brain mask plus a margin;
 8. **normalize** intensities per channel: z-score inside the brain mask, percentile clipping, or
@@ -49,7 +51,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
@@ -171,8 +173,10 @@ class PreprocessingConfig(_Frozen):
     #: Target orientation code (DICOM "to" convention: ``RAS`` = array x axis points to the Right,
     #: y to Anterior, z to Superior); ``None`` keeps the file's orientation.
     orientation: str | None = "RAS"
-    #: Target voxel spacing in mm, in array-axis order (z, y, x); ``None`` keeps the native spacing.
-    target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
+    #: Target voxel spacing in mm, in array-axis order (z, y, x); ``None`` keeps the native spacing;
+    #: ``"median"`` is planned from the training cases as nnU-Net plans its ``3d_fullres`` spacing
+    #: (:func:`nnunet_target_spacing`) and must be resolved (:meth:`resolved`) before preprocessing.
+    target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | Literal["median"] | None = None
     #: Interpolation of image channels when resampling (labels always use nearest neighbour).
     interpolation: Literal["linear", "bspline"] = "linear"
     denoise: DenoiseConfig | None = None
@@ -237,6 +241,30 @@ class PreprocessingConfig(_Frozen):
     def id(self) -> str:
         """Preprocessing id: first 12 hex digits of SHA-256 of :meth:`canonical_json`."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+    @property
+    def resolution(self) -> str:
+        """The resolution policy in words, for tables: ``native``, ``median`` or ``6x2.6x2.6 mm``."""
+        if self.target_spacing is None:
+            return "native"
+        if self.target_spacing == "median":
+            return "median"
+        return "x".join(f"{s:.3g}" for s in self.target_spacing) + " mm"
+
+    @property
+    def is_resolved(self) -> bool:
+        """False while the target spacing still has to be planned from training cases (``median``)."""
+        return self.target_spacing != "median"
+
+    def resolved(self, cases: "Sequence[Case]") -> "PreprocessingConfig":
+        """This configuration with a ``median`` target spacing replaced by the spacing nnU-Net's rule plans
+        for ``cases`` (:func:`nnunet_target_spacing`, on their reoriented grids); unchanged otherwise."""
+        if self.is_resolved:
+            return self
+        if not cases:
+            raise PreprocessingError("target_spacing 'median' needs at least one case to plan the spacing from")
+        spacings, shapes = zip(*(oriented_nonzero_extent(case, self.orientation) for case in cases))
+        return self.model_copy(update={"target_spacing": nnunet_target_spacing(spacings, shapes)})
 
     def __hash__(self) -> int:  # the per-channel dict is unhashable; the canonical JSON says it all
         return hash(self.canonical_json())
@@ -343,8 +371,63 @@ def preprocess(
     return result
 
 
+#: nnU-Net's ``ANISO_THRESHOLD``: an axis is anisotropic when its spacing exceeds 3 times the others'.
+ANISOTROPY_THRESHOLD = 3.0
+
+
+def nnunet_target_spacing(
+    spacings: "Sequence[Sequence[float]]", shapes: "Sequence[Sequence[int]]", anisotropy_threshold: float = ANISOTROPY_THRESHOLD
+) -> tuple[float, float, float]:
+    """The target spacing nnU-Net v2 plans for ``3d_fullres`` (``ExperimentPlanner.determine_fullres_target_spacing``).
+
+    The per-axis median of ``spacings``; except that when the coarsest axis is both anisotropic in
+    spacing (more than ``anisotropy_threshold`` times the next coarsest) and in voxels (its median size,
+    ``shapes`` after cropping to the non-zero region, times the threshold is below the others'), that
+    axis gets the 10th percentile of its spacings instead (but not finer than the other axes), so thick
+    slices are not interpolated into many more. Spacings and shapes in array order (z, y, x).
+    """
+    spacing = np.vstack([np.asarray(s, float) for s in spacings])
+    size = np.vstack([np.asarray(s, float) for s in shapes])
+    target = np.percentile(spacing, 50, axis=0)
+    target_size = np.percentile(size, 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(len(target)) if i != worst]
+    other_spacings = [target[i] for i in others]
+    other_sizes = [target_size[i] for i in others]
+    aniso_spacing = target[worst] > anisotropy_threshold * max(other_spacings)
+    aniso_voxels = target_size[worst] * anisotropy_threshold < min(other_sizes)
+    if aniso_spacing and aniso_voxels:
+        value = float(np.percentile(spacing[:, worst], 10))
+        if value < max(other_spacings):
+            value = max(max(other_spacings), value) + 1e-5
+        target[worst] = value
+    return tuple(float(round(v, 6)) for v in target)  # type: ignore[return-value]
+
+
+def oriented_nonzero_extent(case: "Case", orientation: str | None) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """Spacing of ``case`` reoriented to ``orientation`` and the shape of the bounding box of its non-zero
+    voxels (any channel), as nnU-Net's fingerprint measures them after its crop to the non-zero region."""
+    import SimpleITK as sitk
+
+    nonzero = None
+    geometry = case.geometry
+    for name in case.channel_names:
+        array, geometry = case.load_channel(name)
+        nonzero = array != 0 if nonzero is None else nonzero | (array != 0)
+    image = reorient(to_sitk(nonzero.astype(np.uint8), geometry), orientation)
+    oriented = sitk.GetArrayFromImage(image).astype(bool)
+    box = brain_bounding_box(oriented, 0)
+    return tuple(float(s) for s in geometry_of(image).spacing), tuple(int(b - a) for a, b in box)
+
+
 def _run_pipeline(case: "Case", config: PreprocessingConfig, label_path: Path | None) -> PreprocessedCase:
     import SimpleITK as sitk
+
+    if not config.is_resolved:
+        raise PreprocessingError(
+            f"case {case.case_id}: target_spacing 'median' is planned from training cases; "
+            "resolve it first with config.resolved(training_cases) (trainers do this)"
+        )
 
     native_geometry = case.geometry
     needed = list(dict.fromkeys([*config.channels, config.brain_mask.channel]))

@@ -12,7 +12,12 @@ Three commands, each a thin layer over a plain function:
 
 A leaderboard compares like with like: one table per dataset version, protocol and metric convention.
 Statistics come from :mod:`bench.stats`, metric names, units and directions from
-:data:`bench.metrics.METRICS`. Every figure of the report and of the app colours a submission with
+:data:`bench.metrics.METRICS`. Beside the ranked metrics every leaderboard carries the probability
+columns (:func:`probability_summary`): Brier score, ECE and the uncertainty-flags-errors AUROCs, with
+their metadata from :data:`bench.results.PROBABILITY_METRICS` and :data:`bench.uncertainty.UNCERTAINTY_METRICS`,
+averaged over the cases that have a probability map and shown as "not available" for submissions that
+give none; they never rank. The report adds reliability diagrams pooled from the stored calibration
+histograms, per submission and per site (:func:`reliability_table`). Every figure of the report and of the app colours a submission with
 :func:`submission_colours` (a stable hash of its label into :data:`SUBMISSION_PALETTE`), so a submission
 looks the same everywhere. Heavy imports (pandas, SQLAlchemy, plotly) happen inside the functions,
 so importing this module for the CLI is cheap.
@@ -63,6 +68,11 @@ __all__ = [
 
 #: Metrics shown when none is asked for; the first one ranks.
 DEFAULT_METRICS: tuple[str, ...] = ("dice", "hd95", "lesion_f1")
+#: The pooled lesion-level figure: AUROC of lesion uncertainty for false-positive components, over the
+#: predicted lesion rows of every case of a submission (a case rarely has both kinds).
+FP_AUROC = "uncertainty_fp_auroc"
+#: What a cell says when a submission gives no probability map (never a stand-in number).
+NOT_AVAILABLE = "not available"
 #: Columns that identify one leaderboard (rows of different groups are never ranked together).
 GROUP_COLUMNS: tuple[str, ...] = ("dataset", "dataset_version", "protocol", "convention", "lesion_rule")
 #: Tables ``bench export`` writes; the first three are joined with run and submission information.
@@ -127,6 +137,7 @@ def leaderboard_table(
     n_boot: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    probabilities: bool = True,
 ) -> pd.DataFrame:
     """The leaderboard as a DataFrame: one row per submission and (dataset, protocol, convention).
 
@@ -135,17 +146,29 @@ def leaderboard_table(
     ``convention``, ``site`` (the ``site`` filter or ``overall``) and those of
     :func:`bench.stats.leaderboard` (``rank``, ``submission``, ``n_cases``, ``n_failed``, per metric
     ``m``, ``m_lo``, ``m_hi``, ``m_median``, ``m_capped``, ``rank_stability``, ``mean_rank``,
-    ``rank_then_aggregate``). Empty when nothing matches.
+    ``rank_then_aggregate``); with ``probabilities`` also those of :func:`probability_summary`. Keys of
+    :data:`bench.results.PROBABILITY_METRICS` in ``metrics`` are taken as a request for those columns:
+    they never rank. Empty when nothing matches.
     """
     import pandas as pd
 
     from bench import stats
+    from bench.results import PROBABILITY_METRICS
 
-    metrics = list(dict.fromkeys(metrics))
-    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=metrics, details=False)
+    metrics = _ranked(metrics)
+    if not metrics:
+        raise ValueError("the leaderboard needs a ranking metric of bench.metrics.METRICS (probability columns never rank)")
+    read = [*metrics, *PROBABILITY_METRICS] if probabilities else metrics
+    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=read, details=False)
+    lesions = _uncertain_lesions(store, frame, dataset=dataset, protocol=protocol, convention=convention, site=site) if probabilities else None
     tables = []
     for key, group in frame.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         table = stats.leaderboard(group, metrics, n_boot=n_boot, confidence=confidence, seed=seed)
+        if probabilities:
+            group_lesions = None if lesions is None else lesions[lesions["run_id"].isin(group["run_id"].unique())]
+            extra = probability_summary(group, group_lesions, n_boot=n_boot, confidence=confidence, seed=seed)
+            table = table.assign(submission=table["submission"].astype(str)).merge(extra, on="submission", how="left")
+        table = table.assign(budget=table["submission"].astype(str).map(_budgets(store, group)).fillna("–"))
         for column, value in reversed(list(zip(GROUP_COLUMNS, key))):
             table.insert(0, column, value)
         table.insert(len(GROUP_COLUMNS), "site", site or stats.OVERALL)
@@ -153,6 +176,146 @@ def leaderboard_table(
     if not tables:
         return pd.DataFrame(columns=[*GROUP_COLUMNS, "site", "rank", "submission", "n_cases", "n_failed"])
     return pd.concat(tables, ignore_index=True)
+
+
+def _budgets(store: Store, group: pd.DataFrame) -> dict[str, str]:
+    """Submission label -> the training budget its run used, in one line ("–": it does not train)."""
+    runs = store.runs_frame(run_ids=group["run_id"].unique().tolist())
+    if runs.empty or "budget" not in runs:
+        return {}
+    return {str(r.submission): (r.budget or {}).get("summary", "–") if isinstance(r.budget, dict) else "–" for r in runs.itertuples()}
+
+
+def _uncertain_lesions(store: Store, frame: pd.DataFrame, **filters: Any) -> pd.DataFrame | None:
+    """Predicted lesion rows of the frame's runs, read only when some case has a probability map."""
+    from bench.results import PROBABILITY_METRICS
+
+    if frame.empty or not frame[list(PROBABILITY_METRICS)].notna().to_numpy().any():
+        return None
+    return store.lesion_frame(**filters, kind="pred")
+
+
+def probability_summary(
+    frame: pd.DataFrame,
+    lesions: pd.DataFrame | None = None,
+    *,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The probability columns of a leaderboard: one row per submission of ``frame`` (one scope).
+
+    Per key ``m`` of :data:`bench.results.PROBABILITY_METRICS`: ``m`` (mean over the ``ok`` cases that
+    have a value, i.e. a probability map), ``m_lo`` / ``m_hi`` (percentile bootstrap CI, cases resampled
+    within site) and ``m_n`` (how many cases had a value; 0 means "not available": every other column
+    is then NaN). Failed cases are left out here, not scored as a worst value: they have no
+    probability map, and the ranking metric already counts them. From the predicted lesion rows of
+    ``lesions`` (``kind="pred"``, with ``uncertainty``): :data:`FP_AUROC` (AUROC of lesion uncertainty
+    for false-positive components, pooled over the cases), ``..._n`` (lesions) and ``..._n_fp``.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from bench.results import PROBABILITY_METRICS
+
+    records = []
+    for submission, part in frame.assign(submission=frame["submission"].astype(str)).groupby("submission", sort=True):
+        ok = part[part["status"] == "ok"] if "status" in part else part
+        record: dict[str, Any] = {"submission": submission}
+        for metric in PROBABILITY_METRICS:
+            values = ok[metric].to_numpy(dtype=float, na_value=np.nan) if metric in ok else np.full(len(ok), np.nan)
+            has = ~np.isnan(values)
+            record |= _mean_with_ci(metric, values[has], ok["site"].astype(str).to_numpy()[has], n_boot, confidence, seed)
+        record |= _fp_auroc(None if lesions is None else lesions[lesions["submission"].astype(str) == submission])
+        records.append(record)
+    columns = ["submission", *(f"{m}{suffix}" for m in PROBABILITY_METRICS for suffix in ("", "_lo", "_hi", "_n")),
+               FP_AUROC, f"{FP_AUROC}_n", f"{FP_AUROC}_n_fp"]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def _mean_with_ci(metric: str, values: Any, sites: Any, n_boot: int, confidence: float, seed: int) -> dict[str, float]:
+    """Mean and percentile bootstrap CI (resampled within site, in blocks of bounded size) of ``values``."""
+    import numpy as np
+
+    from bench import stats
+
+    if values.size == 0:
+        return {metric: math.nan, f"{metric}_lo": math.nan, f"{metric}_hi": math.nan, f"{metric}_n": 0}
+    rng = np.random.default_rng(seed)
+    strata = np.unique(sites, return_inverse=True)[1]
+    block = max(1, 4_000_000 // values.size)
+    means = np.concatenate([values[stats.bootstrap_indices(strata, min(block, n_boot - start), rng)].mean(axis=1) for start in range(0, n_boot, block)])
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return {metric: float(values.mean()), f"{metric}_lo": float(low), f"{metric}_hi": float(high), f"{metric}_n": int(values.size)}
+
+
+def _fp_auroc(lesions: pd.DataFrame | None) -> dict[str, float]:
+    """The pooled false-positive-lesion AUROC of one submission's predicted lesion rows (NaN when not available)."""
+    from bench.uncertainty import auroc
+
+    if lesions is None or "uncertainty" not in lesions:
+        return {FP_AUROC: math.nan, f"{FP_AUROC}_n": 0, f"{FP_AUROC}_n_fp": 0}
+    rows = lesions[(lesions["kind"] == "pred") & lesions["uncertainty"].notna()]
+    false_positive = ~rows["detected"].astype(bool).to_numpy()
+    value = auroc(rows["uncertainty"].to_numpy(dtype=float), false_positive) if len(rows) else None
+    return {FP_AUROC: math.nan if value is None else value, f"{FP_AUROC}_n": int(len(rows)), f"{FP_AUROC}_n_fp": int(false_positive.sum())}
+
+
+def reliability_table(frame: pd.DataFrame, *, by_site: bool = True) -> pd.DataFrame:
+    """Reliability-diagram data pooled from the stored calibration histograms of ``frame``
+    (:meth:`bench.store.Store.case_results_frame` with ``histograms=True``).
+
+    Histograms add exactly (:class:`bench.calibration.ProbabilityHistogram`), so every voxel of the brain
+    domain counts once. One row per (submission, site, bin), ``site`` being ``overall`` for all cases
+    (and each site alone with ``by_site``); columns ``submission``, ``site``, ``low``, ``high``, ``count``,
+    ``confidence`` (mean predicted probability), ``accuracy`` (observed lesion fraction; both NaN for
+    empty bins), ``n_cases``, ``n_voxels``, ``pooled_ece``, ``pooled_brier``, ``domain``. Submissions
+    without probability maps have no rows.
+    """
+    import pandas as pd
+
+    from bench import stats
+    from bench.calibration import ProbabilityHistogram, pool_histograms
+
+    columns = ["submission", "site", "low", "high", "count", "confidence", "accuracy", "n_cases", "n_voxels", "pooled_ece", "pooled_brier", "domain"]
+    if "calibration_histogram" not in frame:
+        return pd.DataFrame(columns=columns)
+    kept = frame[frame["calibration_histogram"].map(lambda h: isinstance(h, dict))]
+    records = []
+    for submission, part in kept.assign(submission=kept["submission"].astype(str), site=kept["site"].astype(str)).groupby("submission", sort=True):
+        groups = [(stats.OVERALL, part)] + (list(part.groupby("site", sort=True)) if by_site else [])
+        for site, cases in groups:
+            pooled = pool_histograms([ProbabilityHistogram.from_dict(h) for h in cases["calibration_histogram"]])
+            if pooled is None or pooled.n_voxels == 0:
+                continue
+            summary = {"n_cases": len(cases), "n_voxels": pooled.n_voxels, "pooled_ece": pooled.ece, "pooled_brier": pooled.brier, "domain": pooled.domain}
+            records += [{"submission": submission, "site": site, **row, **summary} for row in pooled.reliability().rows()]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def reliability_figure(table: pd.DataFrame, *, group: str = "submission", colours: dict[str, str] | None = None, title: str = "Reliability diagram") -> Any:
+    """A plotly reliability diagram: one line per value of ``group`` (``submission`` or ``site``) through
+    the non-empty bins (mean predicted probability against observed lesion fraction, marker size by the
+    bin's voxel count on a log scale), and the diagonal of perfect calibration."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#888", dash="dot"), name="perfectly calibrated", hoverinfo="skip"))
+    dashes = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+    for index, (name, part) in enumerate(table.groupby(group, sort=False)):
+        used = part[part["count"] > 0]
+        ece = part["pooled_ece"].iloc[0]
+        fig.add_trace(go.Scatter(
+            x=used["confidence"], y=used["accuracy"], mode="lines+markers", name=f"{name} (ECE {ece:.3f})",
+            line=dict(color=(colours or {}).get(str(name)), dash="solid" if colours else dashes[index % len(dashes)]),
+            marker=dict(size=4 + 2 * np.log10(used["count"].to_numpy(dtype=float) + 1)),
+            customdata=np.stack([used["count"], used["low"], used["high"]], axis=1),
+            hovertemplate="bin %{customdata[1]:.2f}-%{customdata[2]:.2f}: mean p %{x:.3f}, lesion %{y:.3f} (%{customdata[0]} voxels)<extra>" + html.escape(str(name)) + "</extra>",
+        ))
+    fig.update_layout(title=title, xaxis=dict(title="mean predicted lesion probability", range=[-0.02, 1.02], constrain="domain"),
+                      yaxis=dict(title="observed lesion fraction", range=[-0.02, 1.02]), height=440)
+    return fig
 
 
 def _fmt(value: float, decimals: int | None = None) -> str:
@@ -175,14 +338,51 @@ def _decimals(metric: str, value: float) -> int:
     return 0 if magnitude >= 100 else 1 if magnitude >= 10 else 2
 
 
-def metric_header(metric: str) -> str:
-    """``dice ↑``, ``hd95 [mm] ↓``: key, unit and better direction from :data:`bench.metrics.METRICS`."""
+def metric_info(metric: str) -> Any:
+    """The :class:`~bench.metrics.MetricInfo` of a metric, a probability column or :data:`FP_AUROC`."""
     from bench.metrics import METRICS
+    from bench.results import PROBABILITY_METRICS
+    from bench.uncertainty import UNCERTAINTY_METRICS
 
-    info = METRICS[metric]
+    if metric in METRICS:
+        return METRICS[metric]
+    definition = PROBABILITY_METRICS.get(metric) or UNCERTAINTY_METRICS.get(metric)
+    if definition is None:
+        raise KeyError(f"unknown metric {metric!r}")
+    return definition.info
+
+
+def metric_header(metric: str) -> str:
+    """``dice ↑``, ``hd95 [mm] ↓``, ``brier ↓``: key, unit and better direction from the metric's metadata."""
+    info = metric_info(metric)
     arrow = {True: " ↑", False: " ↓", None: ""}[info.higher_is_better]
     unit = f" [{info.unit}]" if info.unit else ""
     return f"{metric}{unit}{arrow}"
+
+
+def _ranked(metrics: Sequence[str]) -> list[str]:
+    """``metrics`` without the probability columns (shown by themselves, never as ranked metrics)."""
+    from bench.results import PROBABILITY_METRICS
+
+    return [m for m in dict.fromkeys(metrics) if m not in PROBABILITY_METRICS]
+
+
+def probability_columns(table: pd.DataFrame) -> list[str]:
+    """The probability columns a leaderboard table carries (none for ``probabilities=False``), in display order."""
+    from bench.results import PROBABILITY_METRICS
+
+    return [key for key in (*PROBABILITY_METRICS, FP_AUROC) if key in table.columns]
+
+
+def probability_cell(row: Any, key: str, separator: str = " ") -> str:
+    """``0.004 [0.003, 0.006]`` for a probability column, the lesion count for :data:`FP_AUROC`, or
+    :data:`NOT_AVAILABLE` when the submission has no value (no probability map, or one lesion class only)."""
+    value = row[key]
+    if value is None or not math.isfinite(float(value)):
+        return NOT_AVAILABLE
+    if key == FP_AUROC:
+        return f"{value:.3f}{separator}({int(row[f'{key}_n'])} lesions, {int(row[f'{key}_n_fp'])} FP)"
+    return f"{value:.3f}{separator}[{_fmt(row[f'{key}_lo'], 3)}, {_fmt(row[f'{key}_hi'], 3)}]"
 
 
 def _cell(row: Any, metric: str, separator: str = " ") -> str:
@@ -194,7 +394,16 @@ def _cell(row: Any, metric: str, separator: str = " ") -> str:
     return separator.join(parts)
 
 
-def _caption(metrics: Sequence[str], confidence: float) -> str:
+#: The caption's note on the probability columns (shown when the table has them).
+PROBABILITY_NOTE = (
+    " Brier, ECE and uncertainty_error_auroc: mean over the cases with a lesion probability map, over the brain (ADC > 0),"
+    " probabilities stored as 1/255 levels, ECE over 15 equal-width bins; uncertainty = entropy of the probability map;"
+    f" uncertainty_fp_auroc pools the predicted lesions of all cases; '{NOT_AVAILABLE}': no probability map (never a stand-in value)."
+    " These columns do not rank."
+)
+
+
+def _caption(metrics: Sequence[str], confidence: float, *, probabilities: bool = False) -> str:
     from bench.metrics import METRICS
 
     names = "; ".join(f"{m}: {METRICS[m].name}" for m in metrics)
@@ -207,6 +416,7 @@ def _caption(metrics: Sequence[str], confidence: float) -> str:
     return (
         f"Mean over cases [{confidence:.0%} bootstrap CI, cases resampled within site]. Failed or missing cases count as the worst value."
         f" Rank: by mean of {metrics[0]}; stability: share of bootstrap resamples keeping that rank; mean rank: rank-then-aggregate.{cap_note} {names}."
+        + (PROBABILITY_NOTE if probabilities else "")
     )
 
 
@@ -270,10 +480,12 @@ def leaderboard_text(table: pd.DataFrame, metrics: Sequence[str], format: TableF
         return table.to_csv(index=False)
     if format is not TableFormat.markdown:
         raise ValueError(f"leaderboard_text writes csv or markdown, not {format.value!r}")
+    metrics = _ranked(metrics)
     blocks = []
     for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         title = _group_title(key, group["site"].iloc[0])
-        blocks.append(f"### {title}\n\n{markdown_table(_board_frame(group, metrics))}\n\n{_caption(list(metrics), confidence)}\n")
+        caption = _caption(list(metrics), confidence, probabilities=bool(probability_columns(group)))
+        blocks.append(f"### {title}\n\n{markdown_table(_board_frame(group, metrics))}\n\n{caption}\n")
     return "\n".join(blocks)
 
 
@@ -283,11 +495,12 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
     from rich.table import Table
 
     console = console or table_console()
-    metrics = list(dict.fromkeys(metrics))
+    metrics = _ranked(metrics)
+    extra = probability_columns(table)
     for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         rich_table = Table(
             title=escape(_group_title(key, group["site"].iloc[0])),
-            caption=escape(_caption(metrics, confidence)),
+            caption=escape(_caption(metrics, confidence, probabilities=bool(extra))),
             caption_justify="left",
         )
         rich_table.add_column("Rank", justify="right", min_width=4)
@@ -296,8 +509,11 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
         rich_table.add_column("failed", justify="right", min_width=6)
         for metric in metrics:
             rich_table.add_column(escape(metric_header(metric)), justify="right", min_width=8)
+        for column in extra:
+            rich_table.add_column(escape(metric_header(column)), justify="right", min_width=9)
         rich_table.add_column("stability", justify="right", min_width=5)
         rich_table.add_column("mean rank", justify="right", min_width=5)
+        rich_table.add_column("training budget used", min_width=10)
         for _, row in group.iterrows():
             rich_table.add_row(
                 "–" if math.isnan(row["rank"]) else str(int(row["rank"])),
@@ -306,10 +522,71 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
                 str(int(row["n_failed"])),
                 # The CI goes under the mean: narrow columns fit more metrics in a terminal.
                 *(escape(_cell(row, metric, separator="\n")) for metric in metrics),
+                *(escape(probability_cell(row, column, separator="\n")) for column in extra),
                 "–" if math.isnan(row["rank_stability"]) else f"{row['rank_stability']:.0%}",
                 _fmt(row["mean_rank"]),
+                escape(str(row.get("budget", "–"))),
             )
         console.print(rich_table)
+
+
+def lesion_size_table(store: Store, table: pd.DataFrame) -> pd.DataFrame:
+    """Per leaderboard group: lesion recall and false-positive lesions by reference-lesion size bin.
+
+    Bins from :data:`bench.lesionwise.LESION_SIZE_BINS_ML` (stated in ml and in voxels); each lesion row
+    says which matching rule decided it (the run's ``lesion_rule``).
+    """
+    import pandas as pd
+
+    from bench.lesionwise import lesion_detection_by_size
+
+    parts = []
+    for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
+        dataset, version, protocol, convention, _ = key
+        lesions = store.lesion_frame(dataset=version, protocol=protocol, convention=convention)
+        lesions = lesions[lesions["submission"].astype(str).isin(set(group["submission"].astype(str)))]
+        if lesions.empty:
+            continue
+        by_size = lesion_detection_by_size(lesions.assign(submission=lesions["submission"].astype(str)))
+        for column, value in reversed(list(zip(GROUP_COLUMNS, key))):
+            by_size.insert(0, column, value)
+        parts.append(by_size)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def render_lesion_sizes(by_size: pd.DataFrame, *, console: Console | None = None) -> None:
+    """Print :func:`lesion_size_table`: one table per group, a column per submission (recall, FP count)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or table_console()
+    for key, group in by_size.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
+        view = Table(title=escape(f"Lesion recall and false-positive lesions by reference-lesion volume · {key[0]} · {key[2]}"),
+                     caption=f"recall = detected / reference lesions in the bin; FP = false-positive components of that volume; lesions matched {key[4]}",
+                     caption_justify="left")
+        view.add_column("volume")
+        submissions = list(dict.fromkeys(group["submission"]))
+        for name in submissions:
+            view.add_column(escape(name), justify="right")
+        for size_bin, rows in group.groupby("size_bin", sort=False):
+            first = rows.iloc[0]
+            label = f"{size_bin} ({_voxel_range(first)})"
+            cells = []
+            for name in submissions:
+                row = rows[rows["submission"] == name]
+                if row.empty:
+                    cells.append("–")
+                    continue
+                r = row.iloc[0]
+                recall = "–" if int(r["n_lesions"]) == 0 else f"{r['recall']:.2f} ({int(r['n_detected'])}/{int(r['n_lesions'])})"
+                cells.append(f"{recall} · FP {int(r['n_false_positive'])}")
+            view.add_row(escape(label), *cells)
+        console.print(view)
+
+
+def _voxel_range(row: Any) -> str:
+    low, high = row["low_voxels"], row["high_voxels"]
+    return f"{low:.3g}+ voxels" if not math.isfinite(high) else f"{low:.3g}-{high:.3g} voxels"
 
 
 def fill_synthetic_results(
@@ -457,8 +734,11 @@ def _html_table(frame: pd.DataFrame, *, name_columns: Sequence[str] = ()) -> str
 
 
 def _board_frame(group: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """One leaderboard group as the text cells people read (HTML report, Markdown): mean [CI] per metric."""
+    """One leaderboard group as the text cells people read (HTML report, Markdown): mean [CI] per metric,
+    then the probability columns (:func:`probability_cell`)."""
     import pandas as pd
+
+    metrics = _ranked(metrics)
 
     return pd.DataFrame(
         {
@@ -467,10 +747,33 @@ def _board_frame(group: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
             "n": group["n_cases"].astype(int).astype(str),
             "failed": group["n_failed"].astype(int).astype(str),
             **{metric_header(m): [_cell(row, m) for _, row in group.iterrows()] for m in metrics},
+            **{metric_header(m): [probability_cell(row, m) for _, row in group.iterrows()] for m in probability_columns(group)},
             "stability": ["–" if math.isnan(v) else f"{v:.0%}" for v in group["rank_stability"]],
             "mean rank": [_fmt(v) for v in group["mean_rank"]],
         }
     )
+
+
+def _reliability_section(group: pd.DataFrame, order: Sequence[str], colours: dict[str, str], figure: Any) -> list[str]:
+    """The report's calibration section of one scope: pooled reliability diagrams of every submission with
+    probability maps (all together, then each by site) and their pooled ECE; names those without."""
+    from bench import stats
+
+    table = reliability_table(group)
+    if table.empty:
+        return []
+    with_maps = [s for s in order if s in set(table["submission"])]
+    parts = ["<h3>Calibration: reliability diagrams</h3>",
+             '<p class="note">Calibration histograms of every case summed (each brain voxel counts once), 15 equal-width bins of the '
+             'lesion probability; marker size grows with the voxels in the bin. A line under the diagonal is over-confident. '
+             f'Without probability maps ({NOT_AVAILABLE}): {html.escape(", ".join(s for s in order if s not in with_maps) or "none")}.</p>']
+    overall = table[table["site"] == stats.OVERALL]
+    parts.append(figure(reliability_figure(overall.set_index("submission").loc[with_maps].reset_index(), colours=colours, title="All cases, pooled")))
+    for submission in with_maps:
+        parts.append(figure(reliability_figure(table[table["submission"] == submission], group="site", title=f"{submission}: all cases and per site")))
+    summary = table.drop_duplicates(["submission", "site"])[["submission", "site", "n_cases", "n_voxels", "pooled_ece", "pooled_brier", "domain"]]
+    parts.append(_html_table(summary, name_columns=("submission", "site")))
+    return parts
 
 
 def _board_html(group: pd.DataFrame, metrics: Sequence[str]) -> str:
@@ -508,9 +811,9 @@ def write_report(
     from bench.metrics import METRICS
 
     require_results(store)
-    metrics = list(dict.fromkeys(metrics))
+    metrics = _ranked(metrics)
     wanted = list(dict.fromkeys([*metrics, failure_metric]))
-    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=wanted)
+    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=wanted, histograms=True)
     if frame.empty:
         raise ResultsNotFound("no case results match the filters")
     lesion_rows = store.lesion_frame(dataset=dataset, protocol=protocol, convention=convention, site=site)
@@ -529,9 +832,11 @@ def write_report(
         dataset_name, version, protocol_name, convention_name, lesion_rule = key
         parts = [f"<h2>{html.escape(f'{dataset_name} ({version}) · protocol {protocol_name} · convention {convention_name} · lesions matched {lesion_rule}')}</h2>"]
         group_board = board[(board[list(GROUP_COLUMNS)] == list(key)).all(axis=1)]
-        parts += ["<h3>Leaderboard</h3>", _board_html(group_board, metrics), f'<p class="note">{html.escape(_caption(metrics, confidence))}</p>']
+        caption = _caption(metrics, confidence, probabilities=bool(probability_columns(group_board)))
+        parts += ["<h3>Leaderboard</h3>", _board_html(group_board, metrics), f'<p class="note">{html.escape(caption)}</p>']
         order = group_board["submission"].tolist()
         colours = submission_colours(order)
+        parts += _reliability_section(group, order, colours, figure)
 
         parts.append("<h3>Scores per site</h3>")
         parts.append('<p class="note">Failed or missing cases are drawn at the worst value, infinite distances at the cap.</p>')

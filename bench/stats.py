@@ -62,8 +62,8 @@ __all__ = [
 OVERALL = "overall"
 #: Resample blocks hold at most this many (resample, case) draws, bounding memory for huge tables.
 _MAX_DRAWS_PER_BLOCK = 4_000_000
-#: Default lesion volume bins (ml) for :func:`missed_lesions_by_size`; neonatal HIE lesions are small.
-LESION_SIZE_BINS_ML: tuple[float, ...] = (0.0, 0.05, 0.2, 1.0, 5.0, math.inf)
+#: Lesion volume bins (ml) for :func:`missed_lesions_by_size`: the one set, defined with the lesion rules.
+from bench.lesionwise import LESION_SIZE_BINS_ML  # noqa: E402
 
 
 # -- metric metadata -------------------------------------------------------------------------------------

@@ -26,11 +26,15 @@ Tables (see ``docs/results.md`` for every column):
 ``case_results``
     One row per (run, case): fold, site, status (``ok`` / ``failed`` with the error), prediction path,
     timings, and one float column per metric of :data:`bench.metrics.METRICS` (a wide table, so
-    aggregating 100,000 rows is one query). ``(run_id, case_id)`` is unique: a rerun skips what is
-    stored and replaces only failed rows.
+    aggregating 100,000 rows is one query). When the model gave a lesion probability map: its path,
+    one float column per value of :data:`bench.results.PROBABILITY_METRICS` (Brier, ECE, uncertainty
+    AUROC), the calibration domain, the uncertainty source and the case's calibration histogram (JSON);
+    all NULL without one. ``(run_id, case_id)`` is unique: a rerun skips what is stored and replaces
+    only failed rows.
 ``lesions``
     Per-lesion rows of a case result: reference lesions (detected or missed) and predicted components
-    (matched or false positive), with their volume.
+    (matched or false positive), with their volume and, for components of a probability map, their
+    mean entropy (``uncertainty``).
 ``artifacts``
     Paths of files a run produced besides the per-case predictions (trained models, logs).
 ``jobs``
@@ -69,7 +73,7 @@ ISOLATION_SANDBOX = "bubblewrap"
 #: ... and of one run with ``--unsafe-no-sandbox``.
 ISOLATION_NONE = "none (--unsafe-no-sandbox)"
 from bench.metrics import METRICS
-from bench.results import CaseResult
+from bench.results import PROBABILITY_METRICS, CaseResult
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,6 +106,8 @@ RUN_STATUSES: tuple[str, ...] = ("running", "done", "failed")
 JOB_STATUSES: tuple[str, ...] = ("queued", "running", "done", "failed")
 #: Float columns of ``case_results``: one per metric the metrics module defines.
 METRIC_COLUMNS: tuple[str, ...] = tuple(METRICS)
+#: Nullable float columns of ``case_results`` computed from a probability map (NULL without one).
+PROBABILITY_COLUMNS: tuple[str, ...] = tuple(PROBABILITY_METRICS)
 #: Characters of a job's log kept in the database (the tail; the full log lives in the run folder).
 LOG_TAIL_CHARS = 20_000
 
@@ -192,6 +198,13 @@ case_results_table = sa.Table(
     sa.Column("score_s", sa.Double),
     sa.Column("empty", sa.String(16), comment="which masks are empty, as bench.metrics reports it"),
     *(sa.Column(key, sa.Double, comment=f"{info.name} [{info.unit}]" if info.unit else info.name) for key, info in METRICS.items()),
+    # Everything below is NULL when the model gave no lesion probability map ("not available").
+    sa.Column("probability_path", sa.Text, comment="uint8 levels round(255 p) of the lesion probability, native grid"),
+    *(sa.Column(key, sa.Double, comment=definition.info.name) for key, definition in PROBABILITY_METRICS.items()),
+    sa.Column("calibration_domain", sa.String(16), comment="voxels brier/ece run over: brain_mask, adc_positive or whole_volume"),
+    sa.Column("uncertainty_source", sa.String(16), comment="single (entropy of the one map), flip_tta or mc_dropout"),
+    # none_as_null: a case without a probability map stores SQL NULL, not the JSON text 'null'.
+    sa.Column("calibration_histogram", sa.JSON(none_as_null=True), comment="bench.calibration.ProbabilityHistogram.to_dict(): pools exactly"),
     sa.Column("extra", sa.JSON, comment="values returned by the scorer that have no column"),
     sa.Column("recorded_at", _TIME, nullable=False),
     sa.UniqueConstraint("run_id", "case_id", name="uq_case_results_run_case"),
@@ -214,6 +227,7 @@ lesions_table = sa.Table(
     sa.Column("match_rule", sa.String(16), comment="the rule that decided detected (bench.lesionwise.MATCH_RULES)"),
     sa.Column("matched_iou", sa.Double, comment="IoU with the matched lesion (the largest under a many-to-many rule)"),
     sa.Column("matched_ids", sa.JSON, comment="ids of the lesions of the other mask it was matched to"),
+    sa.Column("uncertainty", sa.Double, comment="pred: mean voxel entropy [bits] of the probability map; NULL without one"),
     sa.UniqueConstraint("run_id", "case_id", "kind", "lesion_id", name="uq_lesions_run_case_kind_id"),
     sa.Index("ix_lesions_run_case", "run_id", "case_id"),
 )
@@ -263,11 +277,14 @@ leases_table = sa.Table(
 )
 
 _RESERVED = {column.name for column in case_results_table.columns} - set(METRIC_COLUMNS)
-if clashes := _RESERVED & set(METRIC_COLUMNS):  # pragma: no cover - guards future metric names
+if clashes := _RESERVED & set(METRIC_COLUMNS) | set(METRICS) & set(PROBABILITY_COLUMNS):  # pragma: no cover - guards future metric names
     raise StoreError(f"metric keys {sorted(clashes)} clash with case_results columns")
 
 #: Columns of a case row the caller may set (everything but the key, the metrics and bookkeeping).
 _CASE_FIELDS = ("fold", "site", "status", "error", "prediction_path", "predict_s", "score_s", "empty")
+#: Text columns of a case row (stored as strings, None kept).
+_TEXT_FIELDS = ("run_id", "case_id", "fold", "site", "status", "empty", "error", "prediction_path",
+                "probability_path", "calibration_domain", "uncertainty_source")
 _PG_CREATE_LOCK = 0x4849_4542  # "HIEB": advisory lock serializing concurrent create_all() on PostgreSQL
 _WRITE = "hie_bench_write"  # execution option: this connection writes (SQLite: BEGIN IMMEDIATE)
 
@@ -561,10 +578,14 @@ class Store:
         error: str | None = None,
         timings: Mapping[str, float] | None = None,
         peak_memory_mb: float | None = None,
+        budget: Mapping[str, Any] | None = None,
     ) -> None:
-        """Close a run with ``done`` or ``failed``, its per-stage timings and peak memory."""
+        """Close a run with ``done`` or ``failed``, its per-stage timings, peak memory and the training
+        budget it used (``{"summary": ..., "folds": {fold: BudgetUsed.to_dict()}}``, trainable runs only)."""
         _check_choice("run status", status, RUN_STATUSES)
         values: dict[str, Any] = {"status": status, "finished_at": _now(), "error": error}
+        if budget is not None:
+            values["budget"] = _json_safe(dict(budget))
         if timings is not None:
             values["timings"] = _json_safe(dict(timings))
         if peak_memory_mb is not None:
@@ -708,6 +729,7 @@ class Store:
         metrics: Sequence[str] | None = None,
         latest_only: bool = True,
         details: bool = True,
+        histograms: bool = False,
     ) -> pd.DataFrame:
         """Per-case rows as a DataFrame, one row per (run, case): the input of :mod:`bench.stats`.
 
@@ -718,11 +740,16 @@ class Store:
             site: Keep only cases of this site (or these sites).
             submissions: Submission names, labels (``name version``) or content hashes.
             run_ids: Restrict to these runs.
-            metrics: Metric columns to read (default: all); fewer columns read faster.
+            metrics: Metric columns to read (default: all, the probability columns of
+                :data:`PROBABILITY_COLUMNS` included, NaN where a case has no probability map); fewer
+                columns read faster.
             latest_only: Keep only the most recently started run of each (submission, dataset,
                 protocol, convention): a rerun after a code change replaces the old numbers.
-            details: Also read ``fold``, ``error``, ``prediction_path``, ``predict_s``, ``score_s``
-                and ``empty``; without them the query is about twice as fast (the leaderboard).
+            details: Also read ``fold``, ``error``, ``prediction_path``, ``predict_s``, ``score_s``,
+                ``empty``, ``probability_path``, ``calibration_domain`` and ``uncertainty_source``;
+                without them the query is about twice as fast (the leaderboard).
+            histograms: Also read ``calibration_histogram`` (a dict per case, ``None`` without a
+                probability map), for pooled reliability diagrams.
 
         Columns (the run columns are categorical): ``run_id``, ``submission`` (a unique label, ``name version``), ``submission_name``,
         ``submission_version``, ``submission_hash``, ``dataset``, ``dataset_version``, ``protocol``,
@@ -736,33 +763,43 @@ class Store:
         metric_keys = _check_metrics(metrics)
         selected = self._selected_runs(dataset=dataset, protocol=protocol, convention=convention, submissions=submissions, run_ids=run_ids, latest_only=latest_only)
         if details:
-            per_case = ["run_id", "fold", "case_id", "site", "status", "error", "prediction_path", "predict_s", "score_s", "empty"]
+            per_case = ["run_id", "fold", "case_id", "site", "status", "error", "prediction_path", "predict_s", "score_s", "empty",
+                        "probability_path", "calibration_domain", "uncertainty_source"]
             floats = [*metric_keys, "predict_s", "score_s"]
         else:
             per_case, floats = ["run_id", "case_id", "site", "status"], list(metric_keys)
         columns = per_case + list(metric_keys)
+        out_columns = ["run_id", *_RUN_INFO, *columns[1:], *(["calibration_histogram"] if histograms else [])]
         if selected.empty:
-            return pd.DataFrame(columns=["run_id", *_RUN_INFO, *columns[1:]])
+            return pd.DataFrame(columns=out_columns)
         query = sa.select(*(case_results_table.c[name] for name in columns)).where(case_results_table.c.run_id.in_(selected["run_id"].tolist()))
         if site is not None:
             query = query.where(case_results_table.c.site.in_([site] if isinstance(site, str) else list(site)))
         with self.engine.connect() as conn:
             frame = _fast_frame(conn, query)
+            if histograms:  # JSON: through SQLAlchemy, which decodes it on every dialect
+                keyed = sa.select(case_results_table.c.run_id, case_results_table.c.case_id, case_results_table.c.calibration_histogram).where(
+                    case_results_table.c.run_id.in_(selected["run_id"].tolist()), case_results_table.c.calibration_histogram.is_not(None))
+                found = {(run_id, case_id): histogram for run_id, case_id, histogram in conn.execute(keyed)}
+                frame["calibration_histogram"] = [found.get(key) for key in zip(frame["run_id"], frame["case_id"])]
         frame[floats] = frame[floats].astype(float)
-        return _with_run_info(frame, selected)[["run_id", *_RUN_INFO, *columns[1:]]]
+        return _with_run_info(frame, selected)[out_columns]
 
-    def lesion_frame(self, *, site: str | Sequence[str] | None = None, **filters: Any) -> pd.DataFrame:
+    def lesion_frame(self, *, site: str | Sequence[str] | None = None, kind: str | None = None, **filters: Any) -> pd.DataFrame:
         """Per-lesion rows with the run information, the case's site and fold.
 
-        Takes the filters of :meth:`case_results_frame` (except ``metrics``). Columns: ``run_id``,
+        Takes the filters of :meth:`case_results_frame` (except ``metrics``) and ``kind`` (``"ref"`` or
+        ``"pred"``: only reference lesions or only predicted components). Columns: ``run_id``,
         run information as in :meth:`case_results_frame`, ``case_id``, ``site``, ``fold``, ``kind``,
         ``lesion_id``, ``detected``, ``voxels``, ``volume_ml``, ``centroid_z``, ``centroid_y``, ``centroid_x``,
-        ``match_rule`` and ``matched_iou``.
+        ``match_rule``, ``matched_iou`` and ``uncertainty`` (mean entropy of a predicted component; NaN
+        without a probability map).
         """
         import pandas as pd
 
         selected = self._selected_runs(**filters)
-        stored = ["kind", "lesion_id", "detected", "voxels", "volume_ml", "centroid_z", "centroid_y", "centroid_x", "match_rule", "matched_iou"]
+        stored = ["kind", "lesion_id", "detected", "voxels", "volume_ml", "centroid_z", "centroid_y", "centroid_x", "match_rule", "matched_iou",
+                  "uncertainty"]
         columns = ["run_id", "case_id", "site", "fold", *stored]
         if selected.empty:
             return pd.DataFrame(columns=["run_id", *_RUN_INFO, *columns[1:]])
@@ -776,10 +813,12 @@ class Store:
         )
         if site is not None:
             query = query.where(case_results_table.c.site.in_([site] if isinstance(site, str) else list(site)))
+        if kind is not None:
+            query = query.where(lesions_table.c.kind == kind)
         with self.engine.connect() as conn:
             frame = _fast_frame(conn, query)
         frame["detected"] = frame["detected"].astype(bool)
-        floats = ["volume_ml", "centroid_z", "centroid_y", "centroid_x", "matched_iou"]
+        floats = ["volume_ml", "centroid_z", "centroid_y", "centroid_x", "matched_iou", "uncertainty"]
         frame[floats] = frame[floats].astype(float)
         return _with_run_info(frame, selected)[["run_id", *_RUN_INFO, *columns[1:]]]
 
@@ -1139,10 +1178,12 @@ def _case_row(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     out: dict[str, Any] = {name: None for name in (column.name for column in case_results_table.columns) if name != "id"}
     extra: dict[str, Any] = {}
     for key, value in row.items():
-        if key in ("run_id", "case_id", "fold", "site", "status", "empty", "error", "prediction_path"):
+        if key in _TEXT_FIELDS:
             out[key] = None if value is None else str(value)
-        elif key in ("predict_s", "score_s") or key in METRICS:
+        elif key in ("predict_s", "score_s") or key in METRICS or key in PROBABILITY_COLUMNS:
             out[key] = _optional_float(value, key)
+        elif key == "calibration_histogram":
+            out[key] = None if value is None else _json_safe(value)
         else:
             extra[key] = value
     out["fold"] = out["fold"] or ""
@@ -1160,7 +1201,7 @@ def _lesion_rows(key: tuple[str, str], lesions: Any) -> list[dict[str, Any]]:
     ``lesions`` is a :class:`bench.metrics.LesionMatches` (its ``reference`` lesions and ``predicted``
     components), or a sequence of mappings with ``kind`` (``"ref"`` / ``"pred"``), ``lesion_id`` (or
     ``component_id``), ``detected`` (or, for components, ``false_positive``), ``volume_ml`` and
-    optionally ``voxels`` and ``centroid`` (z, y, x).
+    optionally ``voxels``, ``centroid`` (z, y, x) and ``uncertainty``.
     """
     if hasattr(lesions, "reference") and hasattr(lesions, "predicted"):
         items = [{"kind": "ref", **_fields(lesion)} for lesion in lesions.reference]
@@ -1195,6 +1236,7 @@ def _lesion_rows(key: tuple[str, str], lesions: Any) -> list[dict[str, Any]]:
                 "match_rule": _optional_str(item.get("match_rule")),
                 "matched_iou": _optional_float(item.get("matched_iou"), "matched_iou"),
                 "matched_ids": [int(i) for i in item.get("matched_ids") or ()] or None,
+                "uncertainty": _optional_float(item.get("uncertainty"), "uncertainty"),
             }
         )
     return rows
@@ -1275,10 +1317,10 @@ def _aware_times(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
     if metrics is None:
-        return METRIC_COLUMNS
-    unknown = [key for key in metrics if key not in METRICS]
+        return METRIC_COLUMNS + PROBABILITY_COLUMNS
+    unknown = [key for key in metrics if key not in METRICS and key not in PROBABILITY_COLUMNS]
     if unknown:
-        raise StoreError(f"unknown metric(s) {unknown}; known: {', '.join(METRIC_COLUMNS)}")
+        raise StoreError(f"unknown metric(s) {unknown}; known: {', '.join(METRIC_COLUMNS + PROBABILITY_COLUMNS)}")
     return tuple(dict.fromkeys(metrics))
 
 

@@ -279,6 +279,99 @@ def test_case_volumes_come_through_the_case_api(store: Store, sample: SampleResu
         viewer.load_case_volumes(sample.dataset, "no-such-case", None)
 
 
+def test_heat_overlays_colour_bars_and_the_zoomed_inset() -> None:
+    image = np.full((20, 20), 5.0, np.float32)
+    probability = np.zeros((20, 20), np.float32)
+    probability[5, 5], probability[6, 6] = 1.0, 0.01  # a certain voxel, and one below the overlay's floor
+    rgb = viewer.render_slice(image, window=(0.0, 10.0), alpha=1.0, height=20, heat=probability, heat_overlay="probability")
+    assert tuple(rgb[5, 5]) == tuple(viewer.colour_table("inferno")[255]) and tuple(rgb[6, 6]) == (127, 127, 127)
+    signed = np.zeros((20, 20), np.float32)
+    signed[1, 1], signed[2, 2] = 2.0, -2.0
+    low, high = viewer.heat_range_of(signed, "saliency")
+    assert (low, high) == pytest.approx((-2.0, 2.0))
+    diverging = viewer.render_slice(image, window=(0.0, 10.0), alpha=1.0, height=20, heat=signed, heat_overlay="saliency", heat_range=(low, high))
+    assert tuple(diverging[0, 0]) == (127, 127, 127) and diverging[1, 1, 0] > diverging[1, 1, 2] and diverging[2, 2, 2] > diverging[2, 2, 0]
+    bar = viewer.colourbar_html("uncertainty")
+    assert "linear-gradient" in bar and "entropy [bits]" in bar
+    full = viewer.render_slice(image, window=(0.0, 10.0), height=200)
+    box = (slice(2, 6), slice(12, 18))
+    crop = viewer.render_slice(image[box], window=(0.0, 10.0), height=90)
+    composed = viewer.with_inset(full, crop, box, image.shape)
+    assert composed.shape == full.shape and tuple(composed[20, 125]) == viewer.INSET_COLOUR  # the frame on the slice
+    assert tuple(composed[-1, 0]) == viewer.INSET_COLOUR, "the inset goes to the corner farthest from the lesions"
+    assert tuple(composed[100, 100]) == tuple(full[100, 100]), "the rest of the slice is untouched"
+
+
+@pytest.fixture(scope="module")
+def soft_db(sample: SampleResults, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The sample database plus a python submission that returns a probability map, run under loso."""
+    from bench.harness import RunSpec, run_benchmark
+    from bench.submissions.sandbox import sandbox_unavailable_reason
+
+    root = tmp_path_factory.mktemp("soft")
+    db = copy_database(sample, root / "bench.db")
+    folder = root / "soft-zadc"
+    folder.mkdir()
+    (folder / "predict.py").write_text(
+        "import numpy as np\n\n"
+        "def predict(case):\n"
+        "    adc, _ = case.load_channel('ADC')\n"
+        "    zadc, _ = case.load_channel('Z-ADC')\n"
+        "    p = np.where(adc > 0, 1 / (1 + np.exp(2 * (zadc + 2))), 0).astype(np.float32)\n"
+        "    return {'mask': p > 0.5, 'probability': p}\n"
+    )
+    (folder / "submission.yaml").write_text(
+        "name: soft-zadc\nversion: '1.0.0'\nauthors: [tests]\ndescription: Z-ADC threshold with a soft edge\nlicence: MIT\n"
+        "kind: python\nentry: predict.py:predict\ninputs: {channels: [ADC, Z-ADC], space: native}\n"
+    )
+    url = f"sqlite:///{db}"
+    run_benchmark([RunSpec(submission=folder, dataset=sample.dataset, protocol="loso", results_dir=root / "results", db_url=url,
+                           sandbox=sandbox_unavailable_reason() is None)])
+    return url
+
+
+def test_cases_page_shows_probability_uncertainty_and_calibration(monkeypatch: pytest.MonkeyPatch, soft_db: str) -> None:
+    at = app_test(monkeypatch, soft_db, "cases", protocol="loso")
+    assert_clean(at)
+    at.selectbox(key="submission").set_value("soft-zadc 1.0.0").run()
+    assert_clean(at)
+    assert len(at.get("image")) == 4, "ADC and Z-ADC with the errors, then the probability and the uncertainty"
+    captions = [c.value for c in at.caption]
+    assert any("Saliency not available for this submission" in c for c in captions)
+    assert any(m.label.startswith("brier") and m.value != "not available" for m in at.metric)
+    assert at.get("plotly_chart"), "the submission's reliability diagram"
+    at.slider(key="overlay_opacity").set_value(0.9).run()
+    at.toggle(key="viewer_zoom").set_value(False).run()
+    assert_clean(at)
+    table = at.dataframe(key="cases_table").value
+    assert table["brier"].notna().all()
+
+    at.selectbox(key="submission").set_value("zadc-threshold 1.0.0").run()
+    assert_clean(at)
+    assert len(at.get("image")) == 2
+    captions = [c.value for c in at.caption]
+    assert any("Probability and uncertainty: not available" in c for c in captions)
+    assert any("Reliability diagram: not available" in c for c in captions)
+    assert any(m.label.startswith("brier") and m.value == "not available" for m in at.metric)
+
+
+def test_probability_board_and_reliability_from_the_app_queries(soft_db: str) -> None:
+    from bench.report import leaderboard_table
+
+    store = Store(soft_db)
+    row = queries.scopes(store)
+    row = row[row["protocol"] == "loso"].iloc[0]
+    frame = queries.case_frame(store, row["dataset_version"], "loso", row["convention"], ["dice"], details=False)
+    board = queries.probability_board(store, frame, n_boot=100).set_index("submission")
+    cli = leaderboard_table(store, metrics=["dice"], dataset=row["dataset_version"], protocol="loso", n_boot=100).set_index("submission")
+    assert board.loc["soft-zadc 1.0.0", "ece"] == pytest.approx(cli.loc["soft-zadc 1.0.0", "ece"])
+    assert (board.drop("soft-zadc 1.0.0")["brier_n"] == 0).all()
+    shown = queries.probability_display(board.reset_index()).set_index("Submission")
+    assert shown.loc["zadc-threshold 1.0.0", "brier ↓"] == "not available" and shown.loc["soft-zadc 1.0.0", "ece ↓"].count("[") == 1
+    diagram = queries.reliability(store, frame)
+    assert set(diagram["submission"]) == {"soft-zadc 1.0.0"} and set(diagram["site"]) == {"overall", "SiteA", "SiteB"}
+
+
 # -- uploads ------------------------------------------------------------------------------------------------------------
 
 

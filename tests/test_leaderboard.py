@@ -144,3 +144,10 @@ def test_export_csv_and_parquet(cli, results_db, tmp_path):
 def test_time_leaderboard_runs_on_a_small_database():
     timings = time_leaderboard(600, n_submissions=3, n_boot=50, repeats=1)
     assert timings["rows"] == 600 and all(timings[key] > 0 for key in ("fill_s", "query_s", "stats_s", "total_s"))
+
+
+def test_leaderboard_prints_lesion_recall_by_size_bin(cli, results_db):
+    """Issue 15: the lesion-size table (bins in ml and voxels, recall and false positives) beside the board."""
+    result = CliRunner().invoke(cli, ["leaderboard", "--db", results_db, "--protocol", "loso", "--bootstrap", "50"], env={"COLUMNS": "220"})
+    assert result.exit_code == 0, result.output
+    assert "by reference-lesion volume" in result.output and "voxels" in result.output and "FP" in result.output

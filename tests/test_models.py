@@ -353,10 +353,16 @@ def test_perf_models_reports_throughput_and_inference_time(dataset, tmp_path: Pa
         work_dir=tmp_path / "perf",
         schedule_overrides={"patch_size": [8, 16, 16]},
     )
+    from bench.models.recipe import TRAINING_BUDGETS
+
     row = frame.iloc[0]
     assert row["entrant"] == "unet-monai" and row["device"] == "cpu" and row["patch_size"] == "8x16x16"
     assert row["train_patches_per_s"] > 0 and row["infer_s_per_case"] > 0
     assert math.isnan(row["infer_vs_nnunet"]), "no nnU-Net row to compare with"
+    assert row["budget"] == TRAINING_BUDGETS["cpu"] and row["models"] == 1
+    assert row["budget_steps"] == TRAINING_BUDGETS["cpu"] // (2 * 16 * 32 * 32), "the shipped schedule's steps within the budget"
+    assert row["train_voxels_per_s"] == pytest.approx(row["train_patches_per_s"] * 8 * 16 * 16)
+    assert row["est_train_s"] == pytest.approx(row["budget_used"] / row["train_voxels_per_s"])
 
 
 def test_perf_models_command_prints_the_table_and_writes_csv(tmp_path: Path, monkeypatch) -> None:
@@ -372,7 +378,8 @@ def test_perf_models_command_prints_the_table_and_writes_csv(tmp_path: Path, mon
         calls.update(options, submissions=submissions)
         return pd.DataFrame(
             [{"entrant": "aniso-unet", "trainer": "monai", "network": "aniso_unet", "device": "cpu", "patch_size": "8x16x16", "batch_size": 2,
-              "train_patches_per_s": 12.5, "infer_s_per_case": 0.8, "case_shape": "8x32x32", "infer_vs_nnunet": 0.5}]
+              "train_patches_per_s": 12.5, "train_voxels_per_s": 51200.0, "budget": 9830400, "models": 1, "budget_steps": 300,
+              "budget_used": 9830400, "est_train_s": 192.0, "infer_s_per_case": 0.8, "case_shape": "8x32x32", "infer_vs_nnunet": 0.5}]
         )
 
     monkeypatch.setattr(perf, "run_models_benchmark", fake_benchmark)
@@ -381,6 +388,7 @@ def test_perf_models_command_prints_the_table_and_writes_csv(tmp_path: Path, mon
     result = CliRunner().invoke(app, ["submissions/aniso-unet", "--iterations", "3", "--schedule", "cpu", "--output", str(tmp_path / "perf.csv")], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "aniso-unet" in result.output and "12.50" in result.output
+    assert "9.83 M" in result.output and "300" in result.output and "192" in result.output, "budget, steps and estimated time"
     assert calls["iterations"] == 3 and calls["schedule"] == "cpu" and calls["submissions"] == [Path("submissions/aniso-unet")]
     assert pd.read_csv(tmp_path / "perf.csv")["entrant"].tolist() == ["aniso-unet"]
 

@@ -1,8 +1,10 @@
 """The nnU-Net v2 adapter: splits, raw dataset, environment, and one tiny training run on the CPU.
 
-The training test plans, preprocesses and trains the shipped nnunet-baseline for one epoch of two
-iterations on four tiny synthetic cases (one more for validation), predicts a held-out case and exports
-the fold as an ``nnunet`` submission that ``bench submission verify`` accepts.
+The training test plans (with the shipped CPU plan edits), preprocesses and cross-validates the shipped
+nnunet-baseline with two internal folds of one epoch of two iterations on a benchmark fold of the tiny
+synthetic dataset, determines the postprocessing on the cross-validation predictions, predicts held-out
+cases with the two-fold ensemble, and exports the fold as an ``nnunet`` submission that
+``bench submission verify`` accepts.
 """
 
 from __future__ import annotations
@@ -69,8 +71,11 @@ def test_environment_is_set_only_inside_the_adapter(tmp_path: Path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_nnunet_baseline_trains_predicts_and_exports_a_verified_submission(dataset, tmp_path: Path) -> None:
+def test_nnunet_baseline_cross_validates_ensembles_and_exports_a_verified_submission(dataset, tmp_path: Path) -> None:
     from bench.harness import split_validation
+    from bench.models.nnunet import PLAN_EDITS_KEY, TRAINER_NAME, cross_validation_folder, internal_splits, nnunet_export_spec
+    from bench.models.recipe import TRAINING_BUDGETS
+    from bench.models.runfolder import read_budget_used, read_training_record
     from bench.submissions import load_submission, verify_submission
 
     previous_threads = torch.get_num_threads()
@@ -78,7 +83,7 @@ def test_nnunet_baseline_trains_predicts_and_exports_a_verified_submission(datas
     try:
         submission = load_submission(REPO / "submissions" / "nnunet-baseline")
         recipe = override_schedule(
-            dict(submission.manifest.recipe), "cpu", epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, batch_size=2, fingerprint_foreground_samples=10_000
+            dict(submission.manifest.recipe), "cpu", folds=2, epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, batch_size=2, fingerprint_foreground_samples=10_000
         )
         trainable = build_trainable(recipe, submission_dir=submission.path, preprocessing=submission.preprocessing, schedule="cpu", device="cpu")
         fold = dataset.splits("kfold", k=3)[0]
@@ -90,10 +95,36 @@ def test_nnunet_baseline_trains_predicts_and_exports_a_verified_submission(datas
 
         workspace = NnUNetWorkspace(run_dir / "nnunet", 501)
         splits = json.loads((workspace.preprocessed_dataset / "splits_final.json").read_text())
-        assert splits == [{"train": list(train_ids), "val": list(val_ids)}], "nnU-Net validates on the benchmark's validation cases"
+        assert splits == internal_splits(train_ids, val_ids, 2), "nnU-Net's own split of the fold's training cases"
+        assert sorted(c for split in splits for c in split["val"]) == sorted([*train_ids, *val_ids])
         linked = {p.name.split(".")[0] for p in (workspace.raw_dataset / "labelsTr").iterdir()}
         assert linked == set(train_ids) | set(val_ids), "the fold's test cases never reach nnU-Net's planning"
         assert {"history.csv", "curves.png", "nnunet.log"} <= {p.name for p in run_dir.iterdir()}
+
+        model_folder = trainable.model_folder(run_dir)
+        assert model_folder.name == f"{TRAINER_NAME}__nnUNetPlans__3d_fullres"
+        for internal in (0, 1):
+            assert (model_folder / f"fold_{internal}" / "checkpoint_final.pth").is_file()
+        validated = {p.name.split(".")[0] for internal in (0, 1) for p in (model_folder / f"fold_{internal}" / "validation").glob("*.nii.gz")}
+        assert validated == set(train_ids) | set(val_ids), "a cross-validation prediction of every training case"
+        assert (cross_validation_folder(model_folder, 2) / "postprocessing.json").is_file()
+        assert (cross_validation_folder(model_folder, 2) / "postprocessing.pkl").is_file()
+
+        plans = json.loads((model_folder / "plans.json").read_text())
+        arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+        assert arch["features_per_stage"][0] == 16 and max(arch["features_per_stage"]) <= 128, "the CPU plan is data in nnU-Net's plans"
+        assert PLAN_EDITS_KEY in plans
+
+        assert predictor.folds == [0, 1], "the ensemble of the internal folds"
+        used = read_budget_used(run_dir)
+        assert used == predictor.budget_used and used.models == 2 and used.steps == 2 * 1 * 2
+        assert used.unit == "patch_voxels" and used.planned == TRAINING_BUDGETS["cpu"] and 0 < used.used <= used.planned
+        record = read_training_record(run_dir)
+        assert record["nnunet"]["checkpoint"] == "checkpoint_final.pth" and record["nnunet"]["folds"] == [0, 1]
+        assert record["policy"]["amp"] is False
+        spec = nnunet_export_spec(run_dir)
+        assert spec["folds"] == [0, 1] and (run_dir / spec["model_folder"] / "fold_1").is_dir()
+        assert (run_dir / spec["postprocessing_file"]).is_file() and spec["use_mirroring"] is False
 
         for case_id in fold.test:
             case = dataset.case(case_id)
@@ -101,7 +132,7 @@ def test_nnunet_baseline_trains_predicts_and_exports_a_verified_submission(datas
             assert mask.dtype == bool and mask.shape == tuple(case.geometry.shape)
 
         # a finished fold is loaded, not retrained
-        checkpoint = next(workspace.results.rglob("checkpoint_final.pth"))
+        checkpoint = model_folder / "fold_1" / "checkpoint_final.pth"
         stamp = checkpoint.stat().st_mtime_ns
         trainable.fit([dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids], run_dir)
         assert checkpoint.stat().st_mtime_ns == stamp

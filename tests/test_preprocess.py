@@ -89,6 +89,7 @@ def test_id_is_short_stable_and_ignores_dict_order() -> None:
     [
         {"orientation": "LPS"},
         {"target_spacing": (2.0, 1.0, 1.0)},
+        {"target_spacing": "median"},
         {"interpolation": "bspline"},
         {"denoise": {"method": "gaussian", "sigma_mm": 0.7}},
         {"registration": {"transform": "affine"}},
@@ -117,6 +118,7 @@ def test_pipeline_version_is_part_of_the_id(monkeypatch: pytest.MonkeyPatch) -> 
         {"channels": ()},
         {"normalization": {"T2": {"method": "zscore"}}},
         {"target_spacing": (1.0, -1.0, 1.0)},
+        {"target_spacing": "mean"},
         {"normalization": {"ADC": {"method": "percentile", "lower_percentile": 90, "upper_percentile": 10}}},
         {"unknown_option": 1},
         {"denoise": {"method": "median"}},

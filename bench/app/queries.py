@@ -10,6 +10,12 @@ A *scope* is what one leaderboard compares: one dataset version, one protocol (`
 and one metric convention. Within a scope each submission has several runs when it was rerun (new code
 version, other preprocessing); ``run_choice`` picks the ``latest`` run of each submission (the store's
 default) or its ``best`` run on the ranking metric.
+
+Probabilities: every case frame also carries the probability columns (Brier, ECE, uncertainty AUROC;
+NaN without a probability map). :func:`probability_board` gives their per-submission summary with the
+pooled false-positive-lesion AUROC (:func:`bench.report.probability_summary`, the numbers of ``bench
+leaderboard``), :func:`reliability` the pooled reliability diagrams per submission and site
+(:func:`bench.report.reliability_table`); submissions without probability maps are "not available".
 """
 
 from __future__ import annotations
@@ -155,19 +161,25 @@ def case_frame(
     run_choice: RunChoice = "latest",
     rank_metric: str | None = None,
     details: bool = True,
+    probabilities: bool = True,
 ) -> pd.DataFrame:
     """Per-case rows of one scope (``protocol=None``: every protocol), one run per submission and protocol.
 
     ``run_choice="best"`` keeps, for each submission, the run with the best mean of ``rank_metric``
     (default: the first of ``metrics``), scored by :func:`bench.stats.score_matrix` (failed cases
-    count as the worst value). Columns: those of :meth:`bench.store.Store.case_results_frame`.
+    count as the worst value). Columns: those of :meth:`bench.store.Store.case_results_frame`, with the
+    probability columns (:data:`bench.results.PROBABILITY_METRICS`) unless ``probabilities=False``.
     """
+    from bench.results import PROBABILITY_METRICS
+
     if run_choice not in RUN_CHOICES:
         raise ValueError(f"unknown run choice {run_choice!r}; use one of {', '.join(RUN_CHOICES)}")
     metrics = list(dict.fromkeys(metrics))
     rank_metric = rank_metric or metrics[0]
     if rank_metric not in metrics:
         metrics.append(rank_metric)
+    if probabilities:
+        metrics += [key for key in PROBABILITY_METRICS if key not in metrics]
     # details=False skips fold, error, prediction path and timings: the leaderboard needs none of them and
     # reading fewer columns halves the cold query on 100,000 rows.
     frame = store.case_results_frame(
@@ -245,6 +257,49 @@ def leaderboard(
     table["submission_hash"] = table["submission"].map(ids["submission_hash"])
     table["run_id"] = table["submission"].map(ids["run_id"])
     return table
+
+
+def probability_board(
+    store: Store, frame: pd.DataFrame, *, site: str | None = None, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> pd.DataFrame:
+    """The probability columns of the scope's leaderboard (``site``: of that site alone): Brier, ECE and the
+    voxel uncertainty AUROC with CIs and case counts, and the pooled false-positive-lesion AUROC; NaN with
+    a count of 0 for submissions without probability maps. :func:`bench.report.probability_summary`."""
+    from bench.report import probability_summary
+    from bench.results import PROBABILITY_METRICS
+
+    part = frame if site is None else frame[frame["site"].astype(str) == site]
+    if part.empty:
+        return probability_summary(part)
+    lesions = None
+    if part.reindex(columns=list(PROBABILITY_METRICS)).notna().to_numpy().any():
+        lesions = store.lesion_frame(run_ids=part["run_id"].astype(str).unique().tolist(), latest_only=False, site=site, kind="pred")
+    return probability_summary(part, lesions, n_boot=n_boot, confidence=confidence, seed=seed)
+
+
+def probability_display(board: pd.DataFrame) -> pd.DataFrame:
+    """:func:`probability_board` as the cells a page shows: ``Submission`` and one text column per probability
+    column, headed with its direction (``brier ↓``), ``mean [CI]`` or "not available" (as ``bench leaderboard``)."""
+    import pandas as pd
+
+    from bench.report import metric_header, probability_cell, probability_columns
+
+    rows = list(board.iterrows())
+    return pd.DataFrame({"Submission": board["submission"].astype(str).tolist(),
+                         **{metric_header(key): [probability_cell(row, key) for _, row in rows] for key in probability_columns(board)}})
+
+
+def reliability(store: Store, frame: pd.DataFrame, *, by_site: bool = True) -> pd.DataFrame:
+    """Pooled reliability-diagram data of the scope's runs, per submission and (``by_site``) per site:
+    :func:`bench.report.reliability_table` over the stored calibration histograms."""
+    from bench.report import reliability_table
+    from bench.results import PROBABILITY_METRICS
+
+    if frame.empty:
+        return reliability_table(frame)
+    run_ids = frame["run_id"].astype(str).unique().tolist()
+    histograms = store.case_results_frame(run_ids=run_ids, metrics=list(PROBABILITY_METRICS)[:1], details=False, histograms=True, latest_only=False)
+    return reliability_table(_plain_labels(histograms), by_site=by_site)
 
 
 def site_summary(frame: pd.DataFrame, metric: str, *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
@@ -348,11 +403,13 @@ def case_table(frame: pd.DataFrame, submission: str, cases: pd.DataFrame, metric
     """One submission's cases with their site, lesion pattern and metrics, for the case browser.
 
     Columns: ``case_id``, ``site``, ``pattern``, ``ref_lesions`` (from the dataset), ``status``,
-    ``error``, the ``metrics`` present in ``frame``, ``run_id``, ``fold`` and ``prediction_path``.
+    ``error``, the ``metrics`` present in ``frame``, ``run_id``, ``fold``, ``prediction_path`` and
+    ``probability_path`` (when the frame has them).
     """
     rows = frame[frame["submission"].astype(str) == submission]
     present = [m for m in dict.fromkeys(metrics) if m in rows.columns]
-    table = rows[["case_id", "site", "status", "error", *present, "run_id", "fold", "prediction_path"]].astype(
+    paths = [column for column in ("prediction_path", "probability_path") if column in rows.columns]
+    table = rows[["case_id", "site", "status", "error", *present, "run_id", "fold", *paths]].astype(
         {"case_id": str, "site": str, "run_id": str, "fold": str}
     )
     info = cases.reindex(columns=["case_id", "pattern", "n_lesions"]).rename(columns={"n_lesions": "ref_lesions"})
@@ -367,7 +424,8 @@ def case_lesions(store: Store, run_id: str, case_id: str) -> pd.DataFrame:
 
     Columns: ``kind`` (``reference`` / ``predicted``), ``lesion_id``, ``outcome`` (``detected``,
     ``missed``, ``matched``, ``false positive``), ``volume_ml``, ``voxels``, ``slice`` (rounded
-    centroid along array axis 0) and the raw ``detected`` flag.
+    centroid along array axis 0), ``uncertainty`` (mean entropy of a predicted component; NaN without
+    a probability map) and the raw ``detected`` flag.
     """
     import numpy as np
 
@@ -380,7 +438,7 @@ def case_lesions(store: Store, run_id: str, case_id: str) -> pd.DataFrame:
         kind=np.where(is_ref, "reference", "predicted"),
         outcome=outcome,
         slice=lesions["centroid_z"].round().astype("Int64"),
-    )[["kind", "lesion_id", "outcome", "volume_ml", "voxels", "slice", "detected"]]
+    )[["kind", "lesion_id", "outcome", "volume_ml", "voxels", "slice", "uncertainty", "detected"]]
     return table.sort_values(["kind", "lesion_id"], ascending=[False, True], ignore_index=True)
 
 

@@ -185,6 +185,19 @@ def leaderboard(url: str, version: str, scope: tuple[str, str, str], metrics: tu
     return queries.leaderboard(frame, metrics, site=site, n_boot=n_boot)
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def probability_board(url: str, version: str, scope: tuple[str, str, str], run_choice: str, site: str | None, n_boot: int = N_BOOT) -> pd.DataFrame:
+    """Brier, ECE and the uncertainty AUROCs per submission ("not available" without probabilities)."""
+    frame = case_frame(url, version, scope, ("dice",), run_choice, details=False)
+    return queries.probability_board(get_store(url), frame, site=site, n_boot=n_boot)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def reliability(url: str, version: str, scope: tuple[str, str, str], run_choice: str) -> pd.DataFrame:
+    """Pooled reliability-diagram rows per submission and site."""
+    return queries.reliability(get_store(url), case_frame(url, version, scope, ("dice",), run_choice, details=False))
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
 def ranked_submissions(url: str, version: str, scope: tuple[str, str, str], metric: str, run_choice: str) -> list[str]:
     """Submission labels of the scope, best first on ``metric`` (the leaderboard's order)."""

@@ -12,6 +12,16 @@ class      meaning                               colour
 ``fn``     in the reference, missed              sky blue
 ========== ===================================== =========
 
+Three continuous overlays go next to it (:data:`HEAT_OVERLAYS`), each with a colour bar
+(:func:`colourbar_html`) and an opacity: the stored lesion **probability** (inferno, 0-1), its voxel
+**uncertainty** (predictive entropy in bits, viridis, 0-1; :func:`bench.uncertainty.binary_entropy` of the
+stored levels, exactly what the scores used) and, on demand, the **saliency** of one predicted lesion
+(integrated gradients of a trained MONAI fold, :func:`saliency_map`; diverging, symmetric around 0).
+
+The full slice is always shown; :func:`with_inset` adds a zoomed inset of the lesions and errors (the
+frame of :func:`focus_box`, outlined in yellow on the slice) in the corner farthest from them, so small
+HIE lesions are readable without hiding the anatomy around them.
+
 This is display, not scoring: the numbers in the tables come from the store. Images are rendered with
 numpy and saved as PNG (Pillow), which is fast enough to re-render on every slider move; slices are
 scaled with nearest-neighbour sampling to square pixels in millimetres (thick slices stay visible as
@@ -20,6 +30,7 @@ such in the through-plane views).
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +48,27 @@ OVERLAY_CLASSES: dict[str, tuple[int, tuple[int, int, int], str]] = {
 }
 #: Colour of the reference lesions when they are shown alone (no prediction), e.g. in dataset montages.
 REFERENCE_COLOUR = (240, 228, 66)
+#: Colour of the zoom frame on the full slice and of the inset's border.
+INSET_COLOUR = (255, 221, 0)
+
+
+@dataclass(frozen=True)
+class HeatOverlay:
+    """A continuous overlay: matplotlib colour map, value range (``None``: symmetric around 0, from the
+    data), legend title, and the share of the range below which voxels stay grey (so anatomy shows)."""
+
+    cmap: str
+    value_range: tuple[float, float] | None
+    title: str
+    floor: float = 0.02
+
+
+#: The continuous overlays of the viewer, by key.
+HEAT_OVERLAYS: dict[str, HeatOverlay] = {
+    "probability": HeatOverlay("inferno", (0.0, 1.0), "lesion probability"),
+    "uncertainty": HeatOverlay("viridis", (0.0, 1.0), "uncertainty: predictive entropy [bits]"),
+    "saliency": HeatOverlay("RdBu_r", None, "saliency: integrated gradients (red: towards lesion)", floor=0.05),
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +86,7 @@ class CaseVolumes:
     reference: np.ndarray
     prediction: np.ndarray | None
     spacing: tuple[float, float, float]
+    probability: np.ndarray | None = None
 
     @property
     def foreground(self) -> np.ndarray:
@@ -75,8 +108,11 @@ class ViewerError(RuntimeError):
     """A case cannot be shown: its dataset folder or prediction file is missing or does not fit."""
 
 
-def load_case_volumes(dataset_root: str | Path, case_id: str, prediction_path: str | Path | None) -> CaseVolumes:
-    """Read a case's channels and reference through the Case API, and its stored prediction.
+def load_case_volumes(
+    dataset_root: str | Path, case_id: str, prediction_path: str | Path | None, probability_path: str | Path | None = None
+) -> CaseVolumes:
+    """Read a case's channels and reference through the Case API, its stored prediction and, when given,
+    its stored probability (:func:`load_probability`).
 
     Raises:
         ViewerError: the dataset has no such case, or the prediction's grid differs from the case's.
@@ -101,7 +137,35 @@ def load_case_volumes(dataset_root: str | Path, case_id: str, prediction_path: s
         if array.shape != reference.shape:
             raise ViewerError(f"{prediction_path}: prediction has shape {array.shape}, case {case_id} has {reference.shape}")
         prediction = array > 0
-    return CaseVolumes(channels=channels, reference=reference, prediction=prediction, spacing=spacing)  # type: ignore[arg-type]
+    probability = load_probability(probability_path, reference.shape)
+    return CaseVolumes(channels=channels, reference=reference, prediction=prediction, spacing=spacing, probability=probability)  # type: ignore[arg-type]
+
+
+def load_probability(path: str | Path | None, shape: Sequence[int]) -> np.ndarray | None:
+    """A stored probability map (``uint8`` levels) as float32 in [0, 1]; ``None`` when there is none.
+
+    Raises:
+        ViewerError: the file is unreadable, not ``uint8`` levels, or not on the case's grid.
+    """
+    from bench.calibration import dequantize
+    from bench.imageio import ImageError, read_image
+
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        levels, _ = read_image(path)
+        if tuple(levels.shape) != tuple(shape):
+            raise ViewerError(f"{path}: probability has shape {levels.shape}, the case has {tuple(shape)}")
+        return dequantize(np.asarray(levels))
+    except (ImageError, OSError, ValueError) as exc:
+        raise ViewerError(f"{path}: {exc}") from exc
+
+
+def entropy_map(probability: np.ndarray) -> np.ndarray:
+    """Voxel uncertainty shown by the viewer: predictive entropy in bits of the (stored) probability."""
+    from bench.uncertainty import binary_entropy
+
+    return binary_entropy(probability)
 
 
 def error_map(reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
@@ -170,8 +234,12 @@ def render_slice(
     show: Iterable[str] = ("tp", "fp", "fn"),
     alpha: float = 0.6,
     height: int = 320,
+    heat: np.ndarray | None = None,
+    heat_overlay: str = "probability",
+    heat_range: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """An RGB uint8 image of one 2-D slice with the error classes in ``show`` painted over it.
+    """An RGB uint8 image of one 2-D slice with the error classes in ``show`` (or a continuous overlay)
+    painted over it.
 
     Args:
         image: 2-D slice of a channel.
@@ -184,12 +252,16 @@ def render_slice(
         show: Overlay classes to paint (keys of :data:`OVERLAY_CLASSES`).
         alpha: Opacity of the overlay.
         height: Approximate output height in pixels (nearest-neighbour upscaling, integer factors).
+        heat: 2-D slice of a continuous map, painted with :data:`HEAT_OVERLAYS` ``[heat_overlay]``.
+        heat_range: Its value range (default: the overlay's, or symmetric from the data).
     """
     low, high = window
     grey = np.clip((np.nan_to_num(image.astype(np.float32)) - low) / (high - low), 0.0, 1.0)
     if foreground is not None:
         grey = np.where(foreground, grey, 0.0)
     rgb = np.repeat((grey * 255.0)[..., None], 3, axis=2)
+    if heat is not None:
+        rgb = _paint_heat(rgb, heat, HEAT_OVERLAYS[heat_overlay], heat_range, alpha)
     if errors is not None:
         for key in show:
             code, colour, _ = OVERLAY_CLASSES[key]
@@ -204,6 +276,108 @@ def render_slice(
     row_factor, col_factor = max(1, round(row_mm / unit)), max(1, round(col_mm / unit))
     scale = max(1, round(height / (image.shape[0] * row_factor)))
     return np.repeat(np.repeat(rgb, row_factor * scale, axis=0), col_factor * scale, axis=1)
+
+
+def heat_range_of(values: np.ndarray, overlay: str) -> tuple[float, float]:
+    """The colour scale of a map: the overlay's fixed range, or symmetric around 0 up to the 99th percentile
+    of the map's non-zero |values| (attributions are heavy-tailed: the largest few would wash out the rest)."""
+    fixed = HEAT_OVERLAYS[overlay].value_range
+    if fixed is not None:
+        return fixed
+    magnitudes = np.abs(values[np.isfinite(values) & (values != 0)])
+    top = float(np.percentile(magnitudes, 99)) if magnitudes.size else 0.0
+    return (-top, top) if top > 0 else (-1.0, 1.0)
+
+
+@functools.cache
+def colour_table(cmap: str) -> np.ndarray:
+    """256 x 3 uint8 lookup table of a matplotlib colour map (read once per map)."""
+    import matplotlib
+
+    return (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).round().astype(np.uint8)
+
+
+def _paint_heat(rgb: np.ndarray, values: np.ndarray, overlay: HeatOverlay, value_range: tuple[float, float] | None, alpha: float) -> np.ndarray:
+    """Blend the colour map of ``values`` over ``rgb`` where they stand out from the background."""
+    low, high = value_range or overlay.value_range or heat_range_of(values, "saliency")
+    scaled = np.clip((np.nan_to_num(values.astype(np.float32)) - low) / max(high - low, 1e-12), 0.0, 1.0)
+    # Grey stays where the map is at its background: 0 for maps from 0, the middle for signed ones.
+    rest = 0.0 if overlay.value_range is not None else 0.5
+    shown = np.abs(scaled - rest) >= overlay.floor * (1.0 if rest == 0.0 else 0.5)
+    colours = colour_table(overlay.cmap)[(scaled * 255.0).round().astype(np.int64)].astype(np.float32)
+    rgb = rgb.copy()
+    rgb[shown] = (1.0 - alpha) * rgb[shown] + alpha * colours[shown]
+    return rgb
+
+
+def colourbar_html(overlay: str, value_range: tuple[float, float] | None = None) -> str:
+    """A horizontal colour bar (CSS gradient with the map's colours) titled and labelled with its range."""
+    spec = HEAT_OVERLAYS[overlay]
+    low, high = value_range or spec.value_range or (-1.0, 1.0)
+    table = colour_table(spec.cmap)
+    stops = ", ".join(f"rgb({r},{g},{b}) {100 * i / 10:.0f}%" for i, (r, g, b) in enumerate(table[np.linspace(0, 255, 11).astype(int)]))
+    middle = f"<span>{(low + high) / 2:.3g}</span>" if spec.value_range is None else f"<span>{(low + high) / 2:.2g}</span>"
+    return (
+        '<div style="font-size:0.8rem;max-width:440px;">'
+        f'<div>{spec.title}</div>'
+        f'<div style="height:0.8rem;border-radius:3px;background:linear-gradient(to right, {stops});"></div>'
+        f'<div style="display:flex;justify-content:space-between;"><span>{low:.3g}</span>{middle}<span>{high:.3g}</span></div></div>'
+    )
+
+
+def with_inset(full: np.ndarray, crop: np.ndarray, box: tuple[slice, slice], shape: tuple[int, int]) -> np.ndarray:
+    """The rendered full slice with a yellow frame around ``box`` and ``crop`` (that region, rendered
+    larger by the caller) pasted as an inset, framed alike, into the corner farthest from the box.
+
+    ``shape`` is the slice's size in voxels (rows, cols); ``full`` and ``crop`` are RGB renderings. A box
+    that covers most of the slice is left as it is (there is nothing to zoom)."""
+    rows, cols = box
+    if (rows.stop - rows.start) * (cols.stop - cols.start) > 0.5 * shape[0] * shape[1]:
+        return full
+    sy, sx = full.shape[0] / shape[0], full.shape[1] / shape[1]
+    out = full.copy()
+    top, left = int(rows.start * sy), int(cols.start * sx)
+    bottom, right = max(top + 3, int(rows.stop * sy) - 1), max(left + 3, int(cols.stop * sx) - 1)
+    _frame(out, top, bottom, left, right)
+    h, w = min(crop.shape[0] + 4, out.shape[0]), min(crop.shape[1] + 4, out.shape[1])
+    y0 = 0 if (top + bottom) / 2 > out.shape[0] / 2 else out.shape[0] - h
+    x0 = 0 if (left + right) / 2 > out.shape[1] / 2 else out.shape[1] - w
+    out[y0 + 2 : y0 + h - 2, x0 + 2 : x0 + w - 2] = crop[: h - 4, : w - 4]
+    _frame(out, y0, y0 + h - 1, x0, x0 + w - 1)
+    return out
+
+
+def _frame(rgb: np.ndarray, top: int, bottom: int, left: int, right: int, width: int = 2) -> None:
+    """Draw a :data:`INSET_COLOUR` rectangle (in place) with inner edges ``top..bottom``, ``left..right``."""
+    rgb[top : top + width, left : right + 1] = INSET_COLOUR
+    rgb[bottom - width + 1 : bottom + 1, left : right + 1] = INSET_COLOUR
+    rgb[top : bottom + 1, left : left + width] = INSET_COLOUR
+    rgb[top : bottom + 1, right - width + 1 : right + 1] = INSET_COLOUR
+
+
+def saliency_run_folder(prediction_path: str | Path | None, fold: str) -> Path | None:
+    """The trained MONAI fold behind a stored prediction (``<results>/runs/<run>/models/<fold>``, holding
+    ``model.pt``), or ``None`` when the run has none (a submission that was not trained with MONAI)."""
+    if not prediction_path:
+        return None
+    folder = Path(prediction_path).resolve().parent.parent / "models" / str(fold)
+    return folder if (folder / "model.pt").is_file() else None
+
+
+def saliency_map(run_folder: Path, dataset_root: str | Path, case_id: str, prediction: np.ndarray, lesion_id: int, **options) -> tuple[np.ndarray, dict]:
+    """Integrated-gradients saliency of predicted lesion ``lesion_id`` (1-based, raster order) on the native
+    grid, and its facts (completeness error, attribution per channel): :func:`bench.saliency.lesion_saliency`,
+    cached in ``<run folder>/saliency`` (a second request reads the file)."""
+    from dataclasses import asdict
+
+    from bench.data.dataset import Dataset
+    from bench.imageio import read_image
+    from bench.saliency import lesion_saliency
+
+    case = Dataset.load(dataset_root).case(case_id)
+    result = lesion_saliency(Path(run_folder), case, prediction, lesion_id, cache_dir=Path(run_folder) / "saliency", **options)
+    values, _ = read_image(result.path)
+    return values.astype(np.float32), asdict(result)
 
 
 def to_png(rgb: np.ndarray) -> bytes:

@@ -18,6 +18,8 @@ from bench.report import (
     export_results,
     leaderboard_table,
     leaderboard_text,
+    lesion_size_table,
+    render_lesion_sizes,
     open_store,
     render_leaderboard,
     write_report,
@@ -68,6 +70,7 @@ def leaderboard_command(
         _fail("no case results match the filters")
     if format is TableFormat.table:
         render_leaderboard(table, metrics)
+        render_lesion_sizes(lesion_size_table(store, table))
     else:
         # typer.echo, not rich: CSV and Markdown must reach a file byte for byte (no wrapping, no markup).
         typer.echo(leaderboard_text(table, metrics, format), nl=False)

@@ -62,7 +62,8 @@ def unsafe_checkpoint_reason(path: Path) -> str | None:
 
 
 class NnUNetRunner:
-    """``predict(case) -> bool mask`` (and ``predict_probabilities``) for folds of an nnU-Net model folder.
+    """``predict(case) -> bool mask``, ``predict_with_probability`` (both, one pass) and
+    ``predict_probabilities`` for folds of an nnU-Net model folder.
 
     Args:
         model_folder: holds ``plans.json``, ``dataset.json`` and ``fold_<f>/<checkpoint>``.
@@ -152,18 +153,63 @@ class NnUNetRunner:
 
     def predict_probabilities(self, case: "Case") -> np.ndarray:
         """Lesion probability on the native grid, float32 ``(z, y, x)`` (the ensemble's softmax)."""
-        image, properties, shape = self._inputs(case)
-        _, probabilities = self.predictor.predict_single_npy_array(image, properties, None, None, True)
-        probability = np.asarray(probabilities)[self.lesion_label].astype(np.float32)
-        if probability.shape != shape:
-            raise NnUNetRunError(f"case {case.case_id}: nnU-Net returned shape {probability.shape}, the native grid is {shape}")
-        return probability
+        return self.predict_with_probability(case)[1]
 
     def predict(self, case: "Case") -> np.ndarray:
         """Boolean lesion mask on the case's native grid ``(z, y, x)``."""
         image, properties, shape = self._inputs(case)
         segmentation = np.asarray(self.predictor.predict_single_npy_array(image, properties, None, None, False))
+        return self._mask(segmentation, shape, case.case_id)
+
+    def predict_with_probability(self, case: "Case") -> tuple[np.ndarray, np.ndarray]:
+        """``(mask, lesion probability)`` on the native grid from one nnU-Net prediction (never two).
+
+        The mask is nnU-Net's own segmentation (argmax, then :attr:`postprocess`), exactly what
+        :meth:`predict` returns; the probability is the lesion channel of the softmax it came from,
+        float32 clipped to [0, 1] (half-precision softmax can overshoot 1 by a rounding step).
+        """
+        image, properties, shape = self._inputs(case)
+        segmentation, probabilities = self.predictor.predict_single_npy_array(image, properties, None, None, True)
+        probability = np.clip(np.asarray(probabilities)[self.lesion_label].astype(np.float32), 0.0, 1.0)
+        if probability.shape != shape:
+            raise NnUNetRunError(f"case {case.case_id}: nnU-Net returned shape {probability.shape}, the native grid is {shape}")
+        return self._mask(np.asarray(segmentation), shape, case.case_id), probability
+
+    def _mask(self, segmentation: np.ndarray, shape: tuple[int, ...], case_id: str) -> np.ndarray:
         if segmentation.shape != shape:
-            raise NnUNetRunError(f"case {case.case_id}: nnU-Net returned shape {segmentation.shape}, the native grid is {shape}")
+            raise NnUNetRunError(f"case {case_id}: nnU-Net returned shape {segmentation.shape}, the native grid is {shape}")
         mask = segmentation == self.lesion_label
         return self.postprocess(mask) if self.postprocess is not None else mask
+
+
+def load_postprocessing(path: Path, lesion_label: int = 1) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The postprocessing nnU-Net's ``determine_postprocessing`` chose, as a ``bool mask -> bool mask``.
+
+    ``path`` is the ``postprocessing.json`` written beside nnU-Net's ``postprocessing.pkl``; ``None``
+    when the file is absent or lists no step. Only nnU-Net's own component removal is accepted, by name:
+    the pickle (which could hold any callable) is never loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    names, kwargs = report.get("postprocessing_fns", []), report.get("postprocessing_kwargs", [])
+    if not names:
+        return None
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+    known = {"remove_all_but_largest_component_from_segmentation": remove_all_but_largest_component_from_segmentation}
+    steps = []
+    for name, arguments in zip(names, kwargs):
+        if name not in known:
+            raise NnUNetRunError(f"{path}: unknown postprocessing function {name!r} (known: {', '.join(known)})")
+        steps.append((known[name], dict(arguments)))
+
+    def postprocess(mask: np.ndarray) -> np.ndarray:
+        segmentation = mask.astype(np.uint8) * lesion_label
+        for function, arguments in steps:
+            segmentation = function(segmentation, **arguments)
+        return segmentation == lesion_label
+
+    return postprocess
+

@@ -61,6 +61,12 @@ def build_trainable(
         return MonaiTrainable(
             parsed, schedule_name, preprocessing=preprocessing, submission_dir=submission_dir, cache_dir=cache_dir, device=device, source=identity
         )
+    from bench.models.logreg import LogRegRecipe
+
+    if isinstance(parsed, LogRegRecipe):
+        from bench.models.logreg import LogRegTrainable
+
+        return LogRegTrainable(parsed, schedule_name, preprocessing=preprocessing, submission_dir=submission_dir, source=identity)
     from bench.models.nnunet import NnUNetTrainable
 
     return NnUNetTrainable(parsed, schedule_name, preprocessing=preprocessing, submission_dir=submission_dir, device=device, source=identity)

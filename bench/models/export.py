@@ -4,8 +4,9 @@
   (:class:`~bench.models.inference.MirroredSoftmax`) is traced at the training patch size, so the
   exported model outputs class *probabilities* and the manifest says ``activation: none``; sliding
   windows, Gaussian blending, threshold and preprocessing are those the run used.
-* ``nnunet`` (nnU-Net runs): nnU-Net's trained-model folder (``plans.json``, ``dataset.json``,
-  ``fold_0/checkpoint_final.pth``). The checkpoint is rewritten to hold only tensors and plain data
+* ``nnunet`` (nnU-Net runs): nnU-Net's trained-model folder (``plans.json``, ``dataset.json`` and
+  ``fold_<f>/checkpoint_final.pth`` for every internal fold, so the export predicts with the same
+  ensemble) and the ``postprocessing.json`` that nnU-Net's ``determine_postprocessing`` chose. The checkpoint is rewritten to hold only tensors and plain data
   (weights, configuration name, mirroring axes), so it loads with ``torch.load(weights_only=True)``
   and needs no ``allow_code``; it names ``nnUNetTrainer`` as its trainer, whose network is the one
   every schedule trains.
@@ -116,44 +117,49 @@ def _export_torchscript(run_dir: Path, folder: Path) -> dict[str, Any]:
 
 
 def _export_nnunet(run_dir: Path, record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Every internal fold of the trained nnU-Net (its ensemble), its mirroring and its postprocessing."""
     import torch
 
-    from bench.models.nnunet import FOLD, NnUNetWorkspace, load_nnunet_checkpoint, trainer_class_name
-    from bench.models.recipe import NnUNetRecipe
+    from bench.models.nnunet import load_nnunet_checkpoint, nnunet_export_spec
 
-    identity = record["identity"]
-    recipe = NnUNetRecipe.model_validate(identity["recipe"])
-    schedule = recipe.schedules[identity["schedule"]]
-    source = NnUNetWorkspace(run_dir / "nnunet", recipe.dataset_id).model_folder(trainer_class_name(schedule), recipe.configuration)
-    checkpoint_path = source / f"fold_{FOLD}" / "checkpoint_final.pth"
-    if not checkpoint_path.is_file():
-        raise RunFolderError(f"{checkpoint_path}: missing; the nnU-Net fold has not finished training")
+    spec = nnunet_export_spec(run_dir)
+    source = run_dir / spec["model_folder"]
     model = folder / "model"
-    (model / f"fold_{FOLD}").mkdir(parents=True)
+    model.mkdir(parents=True)
     for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
         if (source / name).is_file():
             shutil.copy2(source / name, model / name)
-    checkpoint = load_nnunet_checkpoint(checkpoint_path)
-    mirroring = checkpoint.get("inference_allowed_mirroring_axes")
-    torch.save(
-        {
-            "network_weights": checkpoint["network_weights"],
-            "trainer_name": "nnUNetTrainer",
-            "init_args": {"configuration": recipe.configuration, "fold": FOLD},
-            "inference_allowed_mirroring_axes": tuple(int(a) for a in mirroring) if mirroring is not None else None,
-            "current_epoch": int(checkpoint.get("current_epoch", 0)),
-        },
-        model / f"fold_{FOLD}" / "checkpoint_final.pth",
-    )
+    for fold in spec["folds"]:
+        checkpoint_path = source / f"fold_{fold}" / spec["checkpoint"]
+        if not checkpoint_path.is_file():
+            raise RunFolderError(f"{checkpoint_path}: missing; the nnU-Net fold has not finished training")
+        checkpoint = load_nnunet_checkpoint(checkpoint_path)
+        mirroring = checkpoint.get("inference_allowed_mirroring_axes")
+        (model / f"fold_{fold}").mkdir()
+        torch.save(  # tensors and plain data only: loads with weights_only=True, needs no allow_code
+            {
+                "network_weights": checkpoint["network_weights"],
+                "trainer_name": "nnUNetTrainer",
+                "init_args": {"configuration": checkpoint["init_args"]["configuration"], "fold": fold},
+                "inference_allowed_mirroring_axes": tuple(int(a) for a in mirroring) if mirroring is not None else None,
+                "current_epoch": int(checkpoint.get("current_epoch", 0)),
+            },
+            model / f"fold_{fold}" / spec["checkpoint"],
+        )
+    manifest: dict[str, Any] = {}
+    if spec.get("postprocessing_file") and (run_dir / spec["postprocessing_file"]).is_file():
+        shutil.copy2(run_dir / spec["postprocessing_file"], folder / "postprocessing.json")
+        manifest["postprocessing"] = "postprocessing.json"
     channels = json.loads((model / "dataset.json").read_text())["channel_names"]
     return {
         "kind": "nnunet",
         "model_folder": "model",
-        "folds": [FOLD],
-        "checkpoint": "checkpoint_final.pth",
-        "tile_step_size": recipe.inference_for(identity["schedule"]).tile_step_size,
-        "use_mirroring": recipe.inference_for(identity["schedule"]).mirroring,
+        "folds": list(spec["folds"]),
+        "checkpoint": spec["checkpoint"],
+        "tile_step_size": spec["tile_step_size"],
+        "use_mirroring": spec["use_mirroring"],
         "inputs": {"channels": [channels[str(i)] for i in range(len(channels))], "space": "native"},
+        **manifest,
     }
 
 

@@ -106,13 +106,30 @@ class ModelBundle:
         return PreprocessingConfig.model_validate(self.preprocessing)
 
 
+def inference_amp_dtype(device) -> str | None:
+    """The autocast dtype of sliding-window inference on ``device``: CUDA runs under ``torch.autocast``
+    with its default CUDA dtype (float16), the CPU in float32 (``None``)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return str(torch.get_autocast_dtype("cuda")).removeprefix("torch.")
+
+
 class MonaiPredictor:
     """Predicts a case with a trained network: preprocess, sliding window + flip TTA, back to native.
 
     Satisfies :class:`bench.predictor.Predictor`. Probabilities are mapped back to the native grid with
     linear interpolation and thresholded there, which gives smoother lesion borders than resampling a
-    mask when the preprocessing changed the spacing.
+    mask when the preprocessing changed the spacing. On CUDA the windows run under AMP
+    (:func:`inference_amp_dtype`) with ``cudnn.benchmark`` (every window has the patch size).
+
+    The bundle's preprocessing is the resolved one (a ``median`` target spacing is stored as the
+    spacing the training cases gave), so a case is preprocessed alone, exactly as in training.
     """
+
+    #: Set by ``MonaiTrainable.fit``: the :class:`~bench.models.recipe.BudgetUsed` of the training.
+    budget_used = None
 
     def __init__(self, bundle: ModelBundle, *, device: str | None = None, cache_dir: Path | None = None) -> None:
         from bench.models.inference import MirroredSoftmax
@@ -121,6 +138,7 @@ class MonaiPredictor:
         self.device = select_device(device)
         self.cache_dir = cache_dir
         self.preprocessing = bundle.preprocessing_config()
+        self.amp_dtype = inference_amp_dtype(self.device)
         self.model = MirroredSoftmax(bundle.build_network(), bundle.inference.mirror_axes).to(self.device).eval()
 
     @classmethod
@@ -132,10 +150,12 @@ class MonaiPredictor:
         from bench.models.inference import sliding_window_probabilities
         from bench.preprocess import preprocess
 
+        from bench.models.trainer import cudnn_benchmark
+
         prepared = preprocess(case, self.preprocessing, self.cache_dir, with_label=False)
-        probabilities = sliding_window_probabilities(
-            self.model, prepared.image, self.bundle.patch_size, self.bundle.inference, self.device, amp=self.device.type == "cuda"
-        )
+        cuda = self.device.type == "cuda"
+        with cudnn_benchmark(cuda):
+            probabilities = sliding_window_probabilities(self.model, prepared.image, self.bundle.patch_size, self.bundle.inference, self.device, amp=cuda)
         return prepared.to_native(probabilities)
 
     def predict(self, case: "Case") -> np.ndarray:

@@ -1,12 +1,18 @@
-"""``bench perf models``: training throughput and inference time of every entrant on this machine.
+"""``bench perf models``: every entrant's training budget and speed on this machine, nnU-Net's beside them.
 
 For each trainable submission the benchmark trains two short epochs of ``iterations`` batches on a few
 cases (the schedule the machine would use, ``cpu`` or ``gpu``, with only the epoch and iteration counts
-overridden), reads the training throughput of the second, warmed-up epoch from the run's
-``history.csv``, then times whole-volume inference of one held-out case with the returned predictor
-(sliding windows and flip TTA for the MONAI entrants; ``nnUNetPredictor`` with mirroring for the
-nnU-Net baseline, on the same case). The median of ``repeats`` timed predictions after one warm-up
-prediction is reported, and every entrant's time is also given relative to nnU-Net's predictor.
+overridden, and nnU-Net reduced to one internal fold), reads the training throughput of the second,
+warmed-up epoch from the run's ``history.csv``, then times whole-volume inference of one held-out case
+with the returned predictor (sliding windows and flip TTA for the MONAI entrants as their schedule
+says; ``nnUNetPredictor`` with mirroring for the nnU-Net baseline, on the same case). The median of
+``repeats`` timed predictions after one warm-up prediction is reported, and every entrant's time is
+also given relative to nnU-Net's predictor.
+
+Beside the speed, each row shows the schedule's training budget (:data:`bench.models.recipe.TRAINING_BUDGETS`,
+the same for every entrant), how the *unmodified* schedule spends it (optimizer steps of how many
+models, with nnU-Net's planned patch), the throughput in patch-voxels per second, and the training time
+the whole budget would take here at that throughput (``est_train_s``).
 
 Numbers depend on the machine (and, on shared CPUs, on its load); the table says which device ran.
 """
@@ -60,14 +66,25 @@ def run_models_benchmark(
 
     Returns:
         Columns ``entrant, trainer, network, device, patch_size, batch_size, train_patches_per_s,
-        infer_s_per_case, infer_vs_nnunet, case_shape``.
+        infer_s_per_case, infer_vs_nnunet, case_shape``, and the budget columns ``budget`` (patch-voxels
+        of the schedule), ``budget_steps`` (optimizer steps of the unmodified schedule, all models),
+        ``models`` (nnU-Net's internal folds), ``budget_used`` (patch-voxels those steps train),
+        ``train_voxels_per_s`` and ``est_train_s`` (``budget_used / train_voxels_per_s``).
     """
     import pandas as pd
 
     from bench.data.dataset import Dataset
     from bench.models import build_trainable
-    from bench.models.recipe import MonaiSchedule, NnUNetSchedule, override_schedule, parse_recipe, resolve_schedule_name
-    from bench.models.runfolder import HISTORY_FILE, select_device
+    from bench.models.recipe import (
+        MonaiSchedule,
+        NnUNetSchedule,
+        override_schedule,
+        parse_recipe,
+        patch_voxels,
+        resolve_schedule_name,
+        training_budget,
+    )
+    from bench.models.runfolder import HISTORY_FILE, read_training_record, select_device
     from bench.submissions import load_submission
 
     paths = [Path(p) for p in (submissions or [Path("submissions") / name for name in DEFAULT_ENTRANTS])]
@@ -91,10 +108,10 @@ def run_models_benchmark(
             if not submission.trains:
                 raise ValueError(f"{path}: kind '{submission.kind}' is not trainable; bench perf models measures trainable entrants")
             recipe = dict(submission.manifest.recipe)
-            parse_recipe(recipe, source=str(submission.path / "submission.yaml"))  # a clear error before any work
+            full = parse_recipe(recipe, source=str(submission.path / "submission.yaml"))  # a clear error before any work
             overrides = {"epochs": 2, "iterations_per_epoch": iterations}
             if recipe["trainer"] == "nnunet":
-                overrides["val_iterations_per_epoch"] = 1
+                overrides |= {"val_iterations_per_epoch": 1, "folds": 1}
             known = (MonaiSchedule if recipe["trainer"] == "monai" else NnUNetSchedule).model_fields
             overrides |= {k: v for k, v in (schedule_overrides or {}).items() if k in known}
             brief = override_schedule(recipe, schedule_name, **overrides)
@@ -111,16 +128,31 @@ def run_models_benchmark(
                 predictor.predict(held_out)
                 times.append(time.perf_counter() - start)
             spec = brief["schedules"][schedule_name]
-            network = brief["network"]["name"] if brief["trainer"] == "monai" else "nnU-Net PlainConvUNet (planned)"
+            if brief["trainer"] == "monai":
+                network, patch, batch = brief["network"]["name"], tuple(spec["patch_size"]), int(spec["batch_size"])
+                plan = full.step_plan(schedule_name)
+            else:
+                nnunet = (read_training_record(run_dir) or {}).get("nnunet", {})
+                patch, batch = tuple(nnunet.get("patch_size", ())), int(nnunet.get("batch_size", 0))
+                network = "nnU-Net PlainConvUNet " + "-".join(str(f) for f in (nnunet.get("plan_edits") or {}).get("edited", {}).get("features_per_stage", [])) or "nnU-Net PlainConvUNet (planned)"
+                plan = full.step_plan(schedule_name, patch_size=patch, batch_size=batch) if patch and batch else None
+            patches_per_s = float(history["patches_per_s"].iloc[-1])
+            voxels_per_s = patches_per_s * patch_voxels(patch) if patch else float("nan")
             rows.append(
                 {
                     "entrant": submission.name,
                     "trainer": brief["trainer"],
                     "network": network,
                     "device": str(torch_device),
-                    "patch_size": "x".join(str(s) for s in spec["patch_size"]) if spec.get("patch_size") else "planned",
-                    "batch_size": spec.get("batch_size"),
-                    "train_patches_per_s": float(history["patches_per_s"].iloc[-1]),
+                    "patch_size": "x".join(str(s) for s in patch) if patch else "planned",
+                    "batch_size": batch,
+                    "train_patches_per_s": patches_per_s,
+                    "train_voxels_per_s": voxels_per_s,
+                    "budget": training_budget(schedule_name).planned,
+                    "models": plan.models if plan else float("nan"),
+                    "budget_steps": plan.steps if plan else float("nan"),
+                    "budget_used": plan.voxels if plan else float("nan"),
+                    "est_train_s": plan.voxels / voxels_per_s if plan and voxels_per_s > 0 else float("nan"),
                     "infer_s_per_case": statistics.median(times),
                     "case_shape": "x".join(str(s) for s in held_out.geometry.shape),
                 }
@@ -143,7 +175,7 @@ def models_command(
     work_dir: Annotated[Path | None, typer.Option(help="Keep run folders here instead of a temporary folder.")] = None,
     output: Annotated[Path | None, typer.Option(help="Also write the table as CSV.")] = None,
 ) -> None:
-    """Training patches/s and inference s/case of each entrant, next to nnU-Net's own predictor."""
+    """Training budget, patches/s and inference s/case of each entrant, next to nnU-Net's own predictor."""
     from bench.perf import print_frame
 
     frame = run_models_benchmark(
@@ -157,18 +189,41 @@ def models_command(
         device=device,
         work_dir=work_dir,
     )
+    from bench.models.recipe import format_voxels
+
+    frame = frame.copy()
+    for column in ("budget", "budget_used", "train_voxels_per_s"):
+        if column in frame:
+            frame[column] = [format_voxels(v) if v == v else "-" for v in frame[column]]
+    if "budget_steps" in frame:
+        models = frame["models"] if "models" in frame else [1] * len(frame)
+        frame["budget_steps"] = [
+            (f"{int(steps)}" + (f" ({int(n)} folds)" if n == n and n > 1 else "")) if steps == steps else "-" for steps, n in zip(frame["budget_steps"], models)
+        ]
     columns = {
         "entrant": "entrant",
         "network": "network",
         "device": "device",
         "patch_size": "patch (z×y×x)",
         "batch_size": "batch",
+        "budget": "budget (patch-voxels)",
+        "budget_steps": "steps in budget",
+        "budget_used": "trains",
         "train_patches_per_s": "train patches/s",
+        "train_voxels_per_s": "voxels/s",
+        "est_train_s": "budget s (est.)",
         "infer_s_per_case": "inference s/case",
         "infer_vs_nnunet": "× nnU-Net",
         "case_shape": "case (z×y×x)",
     }
-    print_frame(frame, "Entrants: training throughput and whole-volume inference", columns, caption="Second of two short epochs; median of timed predictions after a warm-up.")
+    columns = {name: header for name, header in columns.items() if name in frame}
+    print_frame(
+        frame,
+        "Entrants: training budget, throughput and whole-volume inference",
+        columns,
+        caption="One budget per schedule for every entrant (bench.models.recipe.TRAINING_BUDGETS). Throughput: second of two short epochs; "
+        "budget s: the whole schedule at that throughput; inference: median of timed predictions after a warm-up.",
+    )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(output, index=False)

@@ -2,7 +2,9 @@
 
 Layout written by the MONAI trainer (the nnU-Net adapter adds ``nnunet/``, see :mod:`bench.models.nnunet`)::
 
-    <run_dir>/run.json        what is trained here: recipe, schedule, preprocessing id, case ids
+    <run_dir>/run.json        what is trained here (identity: recipe, schedule, budget, preprocessing id,
+                              case ids) and, once trained, what the training did (training: budget used,
+                              device, speed policy, selected epoch)
     <run_dir>/checkpoint.pt   resumable training state (removed when training finishes)
     <run_dir>/model.pt        the finished model (its presence means "done")
     <run_dir>/history.csv     per-epoch loss, validation Dice, learning rate, throughput
@@ -11,6 +13,10 @@ Layout written by the MONAI trainer (the nnU-Net adapter adds ``nnunet/``, see :
 
 A run folder belongs to exactly one training: if ``run.json`` describes a different recipe or other
 cases, :func:`claim_run_dir` refuses to touch it rather than resume someone else's checkpoint.
+
+Reading what a finished training used: :func:`read_budget_used` (a
+:class:`~bench.models.recipe.BudgetUsed`: ``unit``, ``planned``, ``used``, ``steps``, ...) and
+:func:`read_training_record` (the whole ``training`` section).
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.imageio import write_text_atomic
+
+if TYPE_CHECKING:
+    from bench.models.recipe import BudgetUsed
 
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -75,6 +84,31 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or "identity" not in record:
         raise RunFolderError(f"{path}: not a bench.models run record")
     return record
+
+
+def record_training(run_dir: Path, training: dict[str, Any]) -> None:
+    """Store what a finished training did (budget used, device, policy, ...) in ``run.json`` under
+    ``training``, beside the identity (which it never changes)."""
+    record = read_run_record(run_dir)
+    record["training"] = json.loads(json.dumps(training, default=str))
+    write_text_atomic(Path(run_dir) / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def read_training_record(run_dir: Path) -> dict[str, Any] | None:
+    """The ``training`` section of ``run.json`` (``None`` while the fold is not trained, or for a folder
+    trained before budgets were recorded)."""
+    training = read_run_record(run_dir).get("training")
+    return dict(training) if isinstance(training, dict) else None
+
+
+def read_budget_used(run_dir: Path) -> "BudgetUsed | None":
+    """The :class:`~bench.models.recipe.BudgetUsed` of a trained fold (``None`` when not recorded)."""
+    from bench.models.recipe import BudgetUsed
+
+    training = read_training_record(run_dir)
+    if not training or not isinstance(training.get("budget"), dict):
+        return None
+    return BudgetUsed.from_dict(training["budget"])
 
 
 def torch_save_atomic(obj: Any, path: Path) -> Path:

@@ -153,7 +153,13 @@ def load_entry_function(submission: "Submission") -> Callable[..., Any]:
 
 
 class PythonFunctionPredictor:
-    """Calls the entry function with a native :class:`Case` or a :class:`PreprocessedCase`."""
+    """Calls the entry function with a native :class:`Case` or a :class:`PreprocessedCase`.
+
+    The function returns a mask, or ``{"mask": ..., "probability": ...}`` (the contract of
+    :mod:`bench.submissions.guard`). On the native grid the output goes to the guard as it is; from the
+    preprocessed grid both are checked there and mapped back: the mask by nearest neighbour, the
+    probability by linear interpolation (clipped to [0, 1]), as :mod:`bench.inference` does.
+    """
 
     def __init__(self, submission: "Submission", options: "PredictorOptions", function: Callable[..., Any]):
         self.function = function
@@ -161,15 +167,22 @@ class PythonFunctionPredictor:
         self.preprocessing = submission.preprocessing
         self.cache_dir = options.cache_dir
 
-    def predict(self, case: "Case") -> np.ndarray:
+    def predict(self, case: "Case") -> Any:
         if self.preprocessing is None:
             return self.function(case, **self.kwargs)
         from bench.preprocess import preprocess
 
+        from bench.submissions.guard import Prediction, split_output, validate_probability
+
         prepared = preprocess(case, self.preprocessing, self.cache_dir, with_label=False)
-        mask = validate_mask(self.function(prepared, **self.kwargs), prepared.shape, case.case_id,
-                             source="the model (on the preprocessed grid)")
-        return prepared.to_native(mask)
+        source = "the model (on the preprocessed grid)"
+        mask, probability = split_output(self.function(prepared, **self.kwargs), case.case_id, source=source)
+        mask = prepared.to_native(validate_mask(mask, prepared.shape, case.case_id, source=source))
+        if probability is None:
+            return mask
+        validate_probability(probability, prepared.shape, case.case_id, source=source)  # refuse NaN / range before resampling
+        values = np.asarray(probability, dtype=np.float32) / (255.0 if probability.dtype == np.uint8 else 1.0)
+        return Prediction(mask, np.clip(prepared.to_native(values), 0.0, 1.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,7 +191,8 @@ class PythonFunctionPredictor:
 
 
 class PredictionsLoader(KindLoader):
-    """Precomputed masks ``<folder>/<case_id>.nii.gz`` (any suffix of :data:`bench.imageio.IMAGE_SUFFIXES`)."""
+    """Precomputed masks ``<folder>/<case_id>.nii.gz`` (any suffix of :data:`bench.imageio.IMAGE_SUFFIXES`),
+    and optionally lesion probability maps ``probabilities/<case_id>.nii.gz`` (:data:`PROBABILITY_FOLDER`)."""
 
     kind = "predictions"
     runs_code = False
@@ -236,32 +250,55 @@ class PredictionsLoader(KindLoader):
         return PredictionsPredictor(submission)
 
 
+#: Folder of a ``predictions`` submission that may hold one float lesion probability image per case.
+PROBABILITY_FOLDER = "probabilities"
+
+
 class PredictionsPredictor:
-    """Reads the shipped mask of a case and checks it lies on the case's grid."""
+    """Reads the shipped mask of a case (and its probability map, when the folder has one) and checks that
+    both lie on the case's grid; a probability must be a float image with values in [0, 1]."""
 
     def __init__(self, submission: "Submission"):
         self.submission = submission
         self.relative = submission.manifest.folder
         self.files = PredictionsLoader.files(submission)
+        folder = submission.path / PROBABILITY_FOLDER
+        self.probabilities = {strip_image_suffix(p): p for p in sorted(folder.iterdir()) if p.is_file() and strip_image_suffix(p)} if folder.is_dir() else {}
 
-    def predict(self, case: "Case") -> np.ndarray:
+    def predict(self, case: "Case") -> Any:
         path = self.files.get(case.case_id)
         if path is None:
             raise MissingPrediction(case.case_id, f"no mask {self.relative}/{case.case_id}.nii.gz in {self.submission.name}",
                                     f"add {self.relative}/{case.case_id}.nii.gz (one mask per case of the dataset)")
+        array, geometry = self._read_on_grid(case, path, f"{self.relative}/{path.name}")
+        mask = validate_mask(array, geometry.shape, case.case_id, source=f"{self.relative}/{path.name}")
+        probability_path = self.probabilities.get(case.case_id)
+        if probability_path is None:
+            return mask
+        from bench.submissions.guard import Prediction, validate_probability
+
+        where = f"{PROBABILITY_FOLDER}/{probability_path.name}"
+        values, _ = self._read_on_grid(case, probability_path, where)
+        if values.dtype.kind != "f":  # an integer image would be read as levels or as 0/1: say which is meant
+            raise InvalidPrediction(case.case_id, f"{where} has dtype {values.dtype}, expected a float image",
+                                    "write the lesion probability as float32 values in [0, 1]")
+        return Prediction(mask, validate_probability(values, geometry.shape, case.case_id, source=where))
+
+    def _read_on_grid(self, case: "Case", path: Path, where: str) -> tuple[np.ndarray, Any]:
+        """A shipped image, checked to have the header of the case's image."""
         try:
             array, geometry = read_image(path)
         except ImageError as exc:
-            raise InvalidPrediction(case.case_id, str(exc), "write a 3-D NIfTI/MHA mask") from exc
+            raise InvalidPrediction(case.case_id, str(exc), "write a 3-D NIfTI/MHA image") from exc
         try:
             differences = geometry.differences(read_geometry(case.image_paths[0]))
         except ImageError as exc:
-            raise InvalidPrediction(case.case_id, f"the case's image cannot be read to check the mask's grid: {exc}",
+            raise InvalidPrediction(case.case_id, f"the case's image cannot be read to check the grid of {where}: {exc}",
                                     "check the dataset with `bench data verify`") from exc
         if differences:
-            raise InvalidPrediction(case.case_id, f"{self.relative}/{path.name} is not on the case's grid: {'; '.join(differences)}",
-                                    "write the mask with the header (shape, spacing, origin, direction) of the case's image")
-        return validate_mask(array, geometry.shape, case.case_id, source=f"{self.relative}/{path.name}")
+            raise InvalidPrediction(case.case_id, f"{where} is not on the case's grid: {'; '.join(differences)}",
+                                    "write the image with the header (shape, spacing, origin, direction) of the case's image")
+        return array, geometry
 
 
 # --------------------------------------------------------------------------------------------------

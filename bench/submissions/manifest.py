@@ -240,6 +240,8 @@ class NnunetManifest(_ManifestBase):
     use_mirroring: bool = True
     #: nnU-Net label value of lesions.
     lesion_label: PositiveInt = 1
+    #: ``postprocessing.json`` chosen by nnU-Net's ``determine_postprocessing`` (path inside the folder).
+    postprocessing: str | None = None
     #: The checkpoint holds Python objects beyond tensors and plain data (loading it runs code); honoured
     #: only when the user also passes ``--trust-code``.
     allow_code: bool = False

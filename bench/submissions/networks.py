@@ -1,8 +1,11 @@
 """Network kinds run with the benchmark's own inference: ``torchscript``, ``onnx`` and ``monai-bundle``.
 
 All three receive the case through the manifest's preprocessing, are run with MONAI's sliding-window
-inference (Gaussian blending by default), thresholded, and mapped back to the native grid with
-:meth:`~bench.preprocess.PreprocessedCase.to_native`. Only the way the network is loaded differs.
+inference (Gaussian blending by default), mapped back to the native grid with
+:meth:`~bench.preprocess.PreprocessedCase.to_native` and thresholded there. Only the way the network is
+loaded differs. :meth:`SlidingWindowPredictor.predict_with_probability` returns the mask and the native
+probability it was thresholded from, of one forward pass: every network kind and every exported
+MONAI fold therefore gives a probability map.
 
 MONAI bundles are untrusted configuration: their ``$`` expressions are Python evaluated by
 ``ConfigParser``, ``%`` macros pull in other files, and ``_target_`` can name any callable. Unless the
@@ -63,6 +66,13 @@ class SlidingWindowPredictor:
 
     def predict(self, case: "Case") -> np.ndarray:
         return self._predict(case)[1]
+
+    def predict_with_probability(self, case: "Case") -> Any:
+        """Mask and probability of one forward pass (the worker's entry; :mod:`bench.submissions.guard`)."""
+        from bench.submissions.guard import Prediction
+
+        probability, mask = self._predict(case)
+        return Prediction(mask, probability)
 
     def _predict(self, case: "Case") -> tuple[np.ndarray, np.ndarray]:
         from bench.inference import OutputError, lesion_probability, native_mask, window_output

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bench.inference.nnunet import unsafe_checkpoint_reason
+from bench.inference.nnunet import load_postprocessing, unsafe_checkpoint_reason
 
 if TYPE_CHECKING:  # pragma: no cover
     from bench.data.dataset import Case
@@ -64,6 +64,7 @@ class NnunetPredictor:
             submission.resolve(m.model_folder), folds=m.folds, checkpoint=m.checkpoint, channels=m.inputs.channels, device=device,
             tile_step_size=m.tile_step_size, use_gaussian=m.use_gaussian, use_mirroring=m.use_mirroring,
             lesion_label=m.lesion_label, trust_code=trusted,
+            postprocess=load_postprocessing(submission.resolve(m.postprocessing), m.lesion_label) if m.postprocessing else None,
         )
 
     def predict(self, case: "Case") -> np.ndarray:
@@ -71,3 +72,9 @@ class NnunetPredictor:
 
     def predict_probabilities(self, case: "Case") -> np.ndarray:
         return self.runner.predict_probabilities(case)
+
+    def predict_with_probability(self, case: "Case") -> Any:
+        """The mask and the lesion softmax of one nnU-Net prediction (the worker's entry)."""
+        from bench.submissions.guard import Prediction
+
+        return Prediction(*self.runner.predict_with_probability(case))

@@ -10,14 +10,20 @@
    :mod:`bench.submissions.sandbox`: it sees its submission read-only, a private ``/work`` and only this
    case's input channels, under the manifest's resource limits; without a working sandbox it refuses
    with :class:`~bench.submissions.sandbox.SandboxUnavailable`;
-3. checks that the result is a binary mask on the case's native grid and returns it as ``bool``.
+3. checks that the result is a binary mask on the case's native grid and returns it as ``bool``, and
+   that the lesion probability map a model may return beside it (the contract of
+   :mod:`bench.submissions.guard`) lies on the same grid with values in [0, 1]:
+   :meth:`SubmissionPredictor.predict_with_probability` returns both as a
+   :class:`~bench.submissions.guard.Prediction`, :meth:`SubmissionPredictor.predict` the mask.
 
 The worker loads the model once and serves every case of the predictor. Requests go over its stdin;
 replies come back over a dedicated pipe (see :mod:`bench.submissions.runner`), each echoing the request's
 random nonce. A reply that is malformed, too long, out of sequence or carries the wrong nonce means
 something else wrote on the channel: the worker is killed and the case fails with a
 :class:`~bench.submissions.core.PredictionCrash`. The prediction itself comes back as an ``.npy`` file,
-opened without following links and no larger than a mask of the case's shape can be.
+opened without following links and no larger than a mask of the case's shape can be; the probability,
+when the reply announces one, as a second ``.npy`` of ``uint8`` levels read with the same checks and a
+cap of one byte a voxel.
 
 Failures on a case raise a :class:`~bench.submissions.core.PredictionError` subclass (timeout, crash,
 invalid output, missing prediction, sandbox unavailable) carrying the case id, a message and a fix, so
@@ -49,7 +55,7 @@ from bench.submissions.core import (
     PredictionTimeout,
     PredictorOptions,
 )
-from bench.submissions.guard import blind_case, guarded_predict  # noqa: F401  (blind_case re-exported)
+from bench.submissions.guard import Prediction, blind_case, guarded_predict, model_output  # noqa: F401  (blind_case re-exported)
 from bench.submissions.manifest import DEFAULT_TIME_LIMIT_S
 from bench.submissions.sandbox import (
     SANDBOX_CACHE,
@@ -130,7 +136,8 @@ def make_predictor(submission: "Submission", options: PredictorOptions, *, isola
 
 
 class SubmissionPredictor:
-    """``predict(case) -> np.ndarray[bool]`` on the case's native grid; see the module docstring.
+    """``predict(case) -> np.ndarray[bool]`` on the case's native grid, and ``predict_with_probability(case)
+    -> Prediction`` (mask and probability levels, or ``None``, from the same forward pass); see the module docstring.
 
     Use as a context manager, or call :meth:`close`, to end the worker process. Use it from one thread:
     the sandbox ends when the thread that started it ends (``--die-with-parent`` follows the thread that
@@ -151,15 +158,20 @@ class SubmissionPredictor:
 
     def predict(self, case: "Case") -> np.ndarray:
         """Predict the lesion mask of ``case`` (bool, ``case.geometry.shape``) through the one guard."""
+        return self.predict_with_probability(case).mask
+
+    def predict_with_probability(self, case: "Case") -> Prediction:
+        """The guarded mask and lesion probability levels of ``case`` (``probability`` ``None`` when the
+        submission gives none)."""
         if not self.isolate:
             return guarded_predict(self._predict_in_process, case)
         hidden = hidden_paths(case, self.options.cache_dir)  # from the full case: where its label lives
-        max_bytes = _npy_size_cap(case.geometry.shape)
+        shape = case.geometry.shape
 
         def in_worker(blinded: "Case") -> Any:
             if self._worker is None:
                 self._worker = self._new_worker(case.case_id)
-            return self._worker.predict(blinded, hidden=hidden, max_bytes=max_bytes)
+            return self._worker.predict(blinded, hidden=hidden, shape=shape)
 
         return guarded_predict(in_worker, case)
 
@@ -189,7 +201,7 @@ class SubmissionPredictor:
         try:
             if self._inner is None:
                 self._inner = KIND_LOADERS[self.submission.kind].build(self.submission, self.options)
-            return self._inner.predict(case)
+            return model_output(self._inner, case)
         except PredictionError:
             raise
         except Exception as exc:
@@ -223,9 +235,10 @@ def describe_exception(exc: BaseException, *, lines: int = 8) -> str:
     return f"{type(exc).__name__}: {exc}\n" + "\n".join(trace[-lines:])
 
 
-def _npy_size_cap(shape: tuple[int, ...]) -> int:
-    """Largest ``.npy`` a mask of ``shape`` can be: 16 bytes a voxel (complex128) plus a header."""
-    return int(np.prod(shape, dtype=np.int64)) * 16 + (1 << 16)
+def _npy_size_cap(shape: tuple[int, ...], bytes_per_voxel: int = 16) -> int:
+    """Largest ``.npy`` an output of ``shape`` can be: ``bytes_per_voxel`` (a mask: up to complex128, 16;
+    probability levels: ``uint8``, 1) plus a header."""
+    return int(np.prod(shape, dtype=np.int64)) * bytes_per_voxel + (1 << 16)
 
 
 class _ChannelViolation(Exception):
@@ -313,26 +326,27 @@ class _Worker:
 
     # -- one case ------------------------------------------------------------------------------------
 
-    def predict(self, case: "Case", *, hidden: list[Path], max_bytes: int) -> np.ndarray:
+    def predict(self, case: "Case", *, hidden: list[Path], shape: tuple[int, ...]) -> dict[str, Any]:
+        """``{"mask": array, "probability": uint8 array or None}`` as read back (the guard checks them)."""
         if self.sandbox is not None:
             self.sandbox.check_hidden(hidden, case.case_id)  # before any model code runs with these mounts
         if self.process is None or self.process.poll() is not None:
             self._start(case.case_id)
         self._count += 1
-        name = f"prediction-{self._count}.npy"
-        if self.sandbox is not None:
-            image_paths = [str(p) for p in self._stage(case)]
-            output = str(SANDBOX_OUT / name)
-        else:
-            image_paths, output = None, str(self.layout.out / name)
+        names = (f"prediction-{self._count}.npy", f"probability-{self._count}.npy")
+        out_dir = SANDBOX_OUT if self.sandbox is not None else self.layout.out
+        image_paths = [str(p) for p in self._stage(case)] if self.sandbox is not None else None
+        request = {"case": case_to_json(case, image_paths), "output": str(out_dir / names[0]), "probability_output": str(out_dir / names[1])}
         try:
-            self._exchange({"case": case_to_json(case, image_paths), "output": output}, case.case_id,
-                           f"no prediction within the time limit of {self.time_limit_s:g} s")
-            return self._read_prediction(name, case.case_id, max_bytes)
+            reply = self._exchange(request, case.case_id, f"no prediction within the time limit of {self.time_limit_s:g} s")
+            mask = self._read_prediction(names[0], case.case_id, _npy_size_cap(shape))
+            probability = self._read_prediction(names[1], case.case_id, _npy_size_cap(shape, 1), "probability") if reply.get("probability") else None
+            return {"mask": mask, "probability": probability}
         finally:
             if self.sandbox is not None:
                 clear_inputs(self.layout.inputs)
-            _unlink_at(name, self._out_fd)
+            for name in names:
+                _unlink_at(name, self._out_fd)
 
     def _stage(self, case: "Case") -> list[Any]:
         try:
@@ -341,24 +355,25 @@ class _Worker:
             raise SandboxUnavailable(case.case_id, f"the case's inputs could not be put into the sandbox: {exc}",
                                      "check that the case's image files exist and are readable") from exc
 
-    def _read_prediction(self, name: str, case_id: str, max_bytes: int) -> np.ndarray:
+    def _read_prediction(self, name: str, case_id: str, max_bytes: int, what: str = "output") -> np.ndarray:
+        """The ``.npy`` the worker saved as ``name``: a plain file (no link, no FIFO) of at most ``max_bytes``."""
         fix = "return a numeric or boolean numpy array"
         try:  # no links followed, and a FIFO planted there must not block us
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._out_fd)
         except OSError as exc:
-            raise InvalidPrediction(case_id, f"the model's output could not be read back ({exc.strerror})", fix) from exc
+            raise InvalidPrediction(case_id, f"the model's {what} could not be read back ({exc.strerror})", fix) from exc
         with os.fdopen(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-                raise InvalidPrediction(case_id, f"the model's output file is not a plain file of at most {max_bytes} bytes", fix)
+                raise InvalidPrediction(case_id, f"the model's {what} file is not a plain file of at most {max_bytes} bytes", fix)
             try:
                 return _load_npy(handle, max_bytes)
             except (OSError, ValueError, EOFError) as exc:
-                raise InvalidPrediction(case_id, f"the model's output could not be read back ({exc})", fix) from exc
+                raise InvalidPrediction(case_id, f"the model's {what} could not be read back ({exc})", fix) from exc
 
     # -- the protocol --------------------------------------------------------------------------------
 
-    def _exchange(self, request: dict[str, Any], case_id: str, timeout_message: str) -> None:
+    def _exchange(self, request: dict[str, Any], case_id: str, timeout_message: str) -> dict[str, Any]:
         assert self.process is not None and self.process.stdin is not None
         nonce = secrets.token_hex(16)
         try:
@@ -382,6 +397,7 @@ class _Worker:
         if not reply["ok"]:
             error_class = ERROR_CLASSES.get(reply.get("error", ""), PredictionCrash)
             raise error_class(case_id, reply.get("message") or "the model failed", reply.get("fix", ""))
+        return reply
 
     def _read_line(self, deadline: float) -> bytes | None:
         """The next reply line; ``b""`` when the worker closed the channel, ``None`` at the deadline."""
@@ -500,7 +516,7 @@ def _parse_reply(line: bytes, nonce: str) -> dict[str, Any]:
         raise _ChannelViolation("JSON that is not a reply")
     if reply.get("nonce") != nonce:
         raise _ChannelViolation("a reply to another request (wrong nonce)")
-    if not all(isinstance(reply.get(key, ""), str) for key in ("error", "message", "fix")):
+    if not all(isinstance(reply.get(key, ""), str) for key in ("error", "message", "fix")) or not isinstance(reply.get("probability", False), bool):
         raise _ChannelViolation("a reply with malformed fields")
     return reply
 
@@ -515,7 +531,7 @@ def _load_npy(handle: Any, max_bytes: int) -> np.ndarray:
         raise ValueError(f"unsupported .npy format version {version}")
     shape, _, dtype = readers[version](handle)
     if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > max_bytes:
-        raise ValueError(f"its header declares shape {shape} of {dtype}, more than a mask of the case can be")
+        raise ValueError(f"its header declares shape {shape} of {dtype}, more than an output of the case can be")
     handle.seek(0)
     return np.load(handle, allow_pickle=False)
 

@@ -17,9 +17,12 @@ answer, which the parent checks like any other (docs/security.md).
 Protocol. Once its own imports are done the worker says ``{"ok": true, "ready": true}`` (so start-up
 never counts against a model's time limit). Every request carries a ``nonce`` that its one reply echoes:
 ``{"nonce": ..., "submission": folder, "options": {...}}`` loads the model;
-``{"nonce": ..., "case": {...}, "output": path.npy}`` predicts one case and saves the array to
-``output``. Replies are ``{"nonce": ..., "ok": true}`` or ``{"nonce": ..., "ok": false, "error": class
-name, "message": ..., "fix": ...}``, messages cut to :data:`MAX_MESSAGE_CHARS`.
+``{"nonce": ..., "case": {...}, "output": path.npy, "probability_output": path.npy}`` predicts one case
+and saves the mask to ``output`` and, when the model returns a lesion probability map
+(:mod:`bench.submissions.guard`), its ``uint8`` levels (:func:`bench.calibration.quantize`; NaN and values
+outside [0, 1] are refused here) to ``probability_output``. Replies are ``{"nonce": ..., "ok": true}``
+(with ``"probability": true`` when the second file was written) or ``{"nonce": ..., "ok": false,
+"error": class name, "message": ..., "fix": ...}``, messages cut to :data:`MAX_MESSAGE_CHARS`.
 
 CPU time. The parent sets ``RLIMIT_CPU``'s soft limit to the per-case budget before the worker starts;
 before each request the worker moves it to "used so far + budget", so the budget holds per case.
@@ -89,6 +92,7 @@ def serve(requests: TextIO, replies: _Replies) -> None:
     import numpy as np
 
     from bench.submissions.core import PredictionError, PredictorOptions, load_submission
+    from bench.submissions.guard import model_output, probability_levels, split_output
     from bench.submissions.kinds import KIND_LOADERS
     from bench.submissions.predictors import case_from_json, describe_exception
 
@@ -107,18 +111,20 @@ def serve(requests: TextIO, replies: _Replies) -> None:
                 replies.send(nonce=nonce, ok=True)
                 continue
             case = case_from_json(request["case"])
-            result = model.predict(case)  # type: ignore[union-attr]
-            if not isinstance(result, np.ndarray):
+            mask, probability = split_output(model_output(model, case), case.case_id)
+            if not isinstance(mask, np.ndarray):
                 replies.send(nonce=nonce, ok=False, error="InvalidPrediction",
-                             message=f"the model returned {type(result).__name__}, expected a numpy array",
+                             message=f"the model returned {type(mask).__name__}, expected a numpy array",
                              fix="return a numpy array (e.g. mask.astype(bool)); convert tensors with .cpu().numpy()")
                 continue
-            if result.dtype == object:
+            if mask.dtype == object:
                 replies.send(nonce=nonce, ok=False, error="InvalidPrediction", message="the model returned an object array",
                              fix="return a boolean or numeric numpy array")
                 continue
-            np.save(request["output"], result, allow_pickle=False)
-            replies.send(nonce=nonce, ok=True)
+            if probability is not None:  # uint8 levels: a quarter of float32 on the way back, and what is stored
+                np.save(request["probability_output"], probability_levels(probability, case.case_id), allow_pickle=False)
+            np.save(request["output"], mask, allow_pickle=False)
+            replies.send(nonce=nonce, ok=True, probability=probability is not None)
         except PredictionError as exc:
             replies.send(nonce=nonce, ok=False, error=type(exc).__name__, message=exc.message, fix=exc.fix)
         except BaseException as exc:  # the model's own errors, SystemExit included

@@ -1,13 +1,18 @@
-"""Cases: every case of a submission, the slice viewer with its errors, its lesions, and the cases no one gets right."""
+"""Cases: every case of a submission, the slice viewer with its errors, probability, uncertainty and saliency,
+its lesions, the submission's calibration, and the cases no one gets right."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from bench.app import queries, ui, viewer
 from bench.metrics import METRICS
-from bench.report import metric_header
+from bench.report import NOT_AVAILABLE, metric_header, metric_info, reliability_figure
+from bench.results import PROBABILITY_METRICS
 
 
 def _apply_pending(key: str, allowed: list | None = None) -> None:
@@ -34,6 +39,31 @@ def _new_selection(event: object, name: str) -> int | None:
 
 #: Width of each slice image on screen (pixels).
 IMAGE_PX = 440
+#: Height of the zoomed inset, as a share of the slice image.
+INSET_SHARE = 0.5
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the probability map…")
+def _heat_maps(probability_path: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The stored probability of a case and its entropy, read once (shared read-only by sessions)."""
+    probability = viewer.load_probability(probability_path, shape)
+    return {} if probability is None else {"probability": probability, "uncertainty": viewer.entropy_map(probability)}
+
+
+@st.cache_resource(max_entries=16, show_spinner="Computing integrated gradients (a few seconds on a CPU)…")
+def _saliency(run_folder: str, root: str, case_id: str, prediction_path: str, lesion_id: int) -> tuple[np.ndarray, dict]:
+    prediction = viewer.load_case_volumes(root, case_id, prediction_path).prediction
+    return viewer.saliency_map(run_folder, root, case_id, prediction, lesion_id)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _reliability(url: str, version: str, scope: tuple, runs: str, submission: str) -> pd.DataFrame:
+    frame = ui.case_frame(url, version, scope, ("dice",), runs, details=False)
+    return queries.reliability(ui.get_store(url), frame[frame["submission"].astype(str) == submission])
+
+
+def _probability_text(value: float) -> str:
+    return NOT_AVAILABLE if value is None or not math.isfinite(float(value)) else f"{float(value):.3f}"
 
 ctx = ui.context()
 scope = ui.scope_sidebar(ctx)
@@ -46,7 +76,7 @@ st.caption("Where does a model fail, on which site and lesion pattern, and what 
 top_left, top_right = st.columns([3, 2], vertical_alignment="top")
 with top_right:
     sort_metric = ui.metric_picker("Sort by", key="cases_metric", help="Worst cases first (failed cases on top).")
-metrics = tuple(dict.fromkeys([sort_metric, *(m for m in queries.CASE_TABLE_METRICS if m in METRICS)]))
+metrics = tuple(dict.fromkeys([sort_metric, *(m for m in queries.CASE_TABLE_METRICS if m in METRICS), *PROBABILITY_METRICS]))
 frame = ui.case_frame(ctx.url, ctx.version, scope, metrics, runs)
 rank_metric = ui.ranking_metric()
 # Best first, as the leaderboard ranks them: the page opens on the submission most worth studying.
@@ -75,7 +105,7 @@ event = st.dataframe(
         "case_id": st.column_config.TextColumn("Case"),
         "ref_lesions": st.column_config.NumberColumn("Lesions", help="Reference lesions in the case (dataset metadata)."),
         "status": st.column_config.TextColumn("Status", help="'failed': no usable prediction; scored as the worst value."),
-        **{m: st.column_config.NumberColumn(metric_header(m), format="%.3f" if METRICS[m].unit in ("", "ml") else "%.1f", help=METRICS[m].name) for m in metrics},
+        **{m: st.column_config.NumberColumn(metric_header(m), format="%.3f" if metric_info(m).unit in ("", "ml") else "%.1f", help=metric_info(m).name) for m in metrics},
     },
 )
 if (picked := _new_selection(event, "cases")) is not None and picked < len(table):
@@ -96,6 +126,9 @@ facts[0].metric("Site", str(row["site"]))
 facts[1].metric("Pattern", str(row.get("pattern") or "–"))
 for column, key in zip(facts[2:], [m for m in ("dice", "hd95", "lesion_f1") if m in row.index]):
     column.metric(metric_header(key), ui.fmt(row[key]))
+calibration = st.columns(5)
+for column, key in zip(calibration, PROBABILITY_METRICS):
+    column.metric(metric_header(key), _probability_text(row.get(key)), help=PROBABILITY_METRICS[key].info.description)
 if row["status"] != "ok":
     st.error(f"This case failed: {row['error'] or 'no reason stored'}", icon=":material/error:")
 
@@ -136,7 +169,7 @@ if view is not None:
     controls[3].button("◀ error", on_click=_jump, args=(view.error_slices, -1), disabled=not view.error_slices, key="prev_error", width="stretch")
     controls[4].button("error ▶", on_click=_jump, args=(view.error_slices, +1), disabled=not view.error_slices, key="next_error", width="stretch")
 
-    overlay_column, zoom_column = st.columns([3, 2], vertical_alignment="bottom")
+    overlay_column, zoom_column, opacity_column = st.columns([3, 2, 2], vertical_alignment="bottom")
     shown = overlay_column.pills(
         "Overlay",
         list(viewer.OVERLAY_CLASSES),
@@ -147,23 +180,52 @@ if view is not None:
         persist_state="session",
     )
     zoom = zoom_column.toggle(
-        "Zoom to the lesions and errors", value=True, key="viewer_zoom", persist_state="session", help="HIE lesions are small: frame them (the same frame on every slice)."
+        "Zoomed inset", value=True, key="viewer_zoom", persist_state="session",
+        help="HIE lesions are small: a magnified inset of the lesions and errors (the yellow frame) on the full slice.",
     )
+    opacity = opacity_column.slider("Overlay opacity", 0.1, 1.0, 0.6, 0.05, key="overlay_opacity", help="Opacity of every overlay.")
     z = int(st.session_state[slice_key]) - 1
     spacing = view.volumes.spacing
-    rows, cols = viewer.focus_box(view.errors) if zoom else (slice(None), slice(None))
+    box = viewer.focus_box(view.errors)
+    probability_path = row.get("probability_path") if isinstance(row.get("probability_path"), str) else None
+    heat = _heat_maps(probability_path, tuple(view.errors.shape)) if probability_path else {}
+
+    # Saliency on demand: a trained MONAI fold can explain one of its predicted lesions.
+    run_folder = viewer.saliency_run_folder(prediction_path, str(row["fold"]))
+    predicted_ids = lesions.loc[lesions["kind"] == "predicted", "lesion_id"].astype(int).tolist()
+    saliency_key = f"saliency::{row['run_id']}::{case_id}"
+    if run_folder is None:
+        st.caption("Saliency not available for this submission (it has no trained MONAI model in its run folder).")
+    elif not predicted_ids or view.volumes.prediction is None:
+        st.caption("Saliency: this case has no predicted lesion to explain.")
+    else:
+        pick, go = st.columns([2, 1], vertical_alignment="bottom")
+        lesion_id = pick.selectbox("Explain predicted lesion", predicted_ids, key=f"{saliency_key}::lesion")
+        if go.button("Compute saliency", key="saliency_button", help="Integrated gradients of the fold's model for this lesion; cached."):
+            try:
+                st.session_state[saliency_key] = (lesion_id, *_saliency(str(run_folder), str(root), case_id, prediction_path, int(lesion_id)))
+            except Exception as exc:  # a model folder that cannot be loaded must not take the page down
+                st.warning(f"Saliency could not be computed: {type(exc).__name__}: {exc}")
+    if saliency_key in st.session_state:
+        heat = {**heat, "saliency": st.session_state[saliency_key][1]}
+
+    def draw(volume, name: str, overlay: str | None = None) -> np.ndarray:
+        """One slice, full, with the errors (``overlay=None``) or a continuous map, and the zoomed inset."""
+        values = heat.get(overlay) if overlay else None
+        common = dict(window=view.windows[name], pixel_mm=(spacing[1], spacing[2]), alpha=opacity, heat_overlay=overlay or "probability",
+                      heat_range=viewer.heat_range_of(values, overlay) if overlay else None, show=() if overlay else (shown or ()))
+        full = viewer.render_slice(volume[z], None if overlay else view.errors[z], foreground=view.foreground[z], height=IMAGE_PX,
+                                   heat=None if values is None else values[z], **common)
+        if not zoom:
+            return full
+        crop = (z, *box)
+        inset = viewer.render_slice(volume[crop], None if overlay else view.errors[crop], foreground=view.foreground[crop],
+                                    height=int(IMAGE_PX * INSET_SHARE), heat=None if values is None else values[crop], **common)
+        return viewer.with_inset(full, inset, box, volume.shape[1:])
+
     images = st.columns(len(view.volumes.channels))
     for column, (name, volume) in zip(images, view.volumes.channels.items()):
-        rgb = viewer.render_slice(
-            volume[z, rows, cols],
-            view.errors[z, rows, cols],
-            window=view.windows[name],
-            foreground=view.foreground[z, rows, cols],
-            pixel_mm=(spacing[1], spacing[2]),
-            show=shown or (),
-            height=IMAGE_PX,
-        )
-        column.image(viewer.to_png(rgb), caption=f"{name} · slice {z + 1} of {n_slices}", width=IMAGE_PX)
+        column.image(viewer.to_png(draw(volume, name)), caption=f"{name} · slice {z + 1} of {n_slices}", width=IMAGE_PX)
     st.html(ui.legend_html(list(viewer.OVERLAY_CLASSES)))
     counts = {key: int((view.errors[z] == code).sum()) for key, (code, _, _) in viewer.OVERLAY_CLASSES.items()}
     st.caption(
@@ -171,6 +233,20 @@ if view is not None:
         f"voxel {spacing[1]:.2f} × {spacing[2]:.2f} mm, slice thickness {spacing[0]:.2f} mm · "
         f"slices with errors: {', '.join(str(s + 1) for s in view.error_slices) or 'none'}"
     )
+    if heat:
+        first = next(iter(view.volumes.channels))
+        maps = st.columns(len(heat))
+        for column, key in zip(maps, heat):
+            column.image(viewer.to_png(draw(view.volumes.channels[first], first, key)), caption=f"{key} on {first} · slice {z + 1}",
+                         width=IMAGE_PX if len(heat) < 3 else "stretch")
+            column.html(viewer.colourbar_html(key, viewer.heat_range_of(heat[key], key)))
+        if "saliency" in heat:
+            facts = st.session_state[saliency_key][2]
+            totals = ", ".join(f"{k} {v:+.3g}" for k, v in facts["channel_totals"].items())
+            st.caption(f"Saliency of predicted lesion {st.session_state[saliency_key][0]}: integrated gradients, {facts['n_steps']} steps, "
+                       f"completeness error {facts['completeness_error']:.1%}; attribution per channel: {totals}.")
+    else:
+        st.caption("Probability and uncertainty: not available (this submission stores no lesion probability map).")
 
 # -- lesions of the case -------------------------------------------------------------------------------------------------
 st.subheader("Lesions")
@@ -196,12 +272,26 @@ else:
             "volume_ml": st.column_config.NumberColumn("Volume [ml]", format="%.3f"),
             "voxels": st.column_config.NumberColumn("Voxels"),
             "slice": st.column_config.NumberColumn("Slice", help="Centroid slice (1-based, as in the viewer)."),
+            "uncertainty": st.column_config.NumberColumn("Uncertainty [bits]", format="%.3f",
+                                                         help="Predicted components: mean entropy of the probability map (empty without one)."),
         },
     )
     if (picked := _new_selection(lesion_event, f"lesions::{case_id}")) is not None and view is not None:
         target = lesions["slice"].iloc[picked]
         if pd.notna(target) and int(target) + 1 != st.session_state.get(f"slice::{case_id}"):
             _request(f"slice::{case_id}", int(target) + 1)
+
+# -- calibration of the submission -------------------------------------------------------------------------------------
+st.subheader("Calibration")
+reliability = _reliability(ctx.url, ctx.version, scope, runs, submission)
+if reliability.empty:
+    st.caption(f"Reliability diagram: {NOT_AVAILABLE} ({submission} stores no lesion probability map).")
+else:
+    figure = ui.plotly_layout(reliability_figure(reliability, group="site"), height=440)
+    st.plotly_chart(figure.update_layout(title=None), key="reliability_plot")
+    st.caption(f"Reliability of **{submission}**, all cases and per site: calibration histograms of the cases summed (every brain voxel "
+               "counts once), 15 equal-width bins of the lesion probability; the dotted diagonal is perfect calibration, a line below it "
+               "is over-confident.")
 
 # -- hard cases --------------------------------------------------------------------------------------------------------------
 st.subheader("Cases every submission fails")

@@ -7,6 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from bench.report import PROBABILITY_NOTE, reliability_figure
+
 from bench.app import queries, ui
 from bench.metrics import METRICS
 from bench.report import DEFAULT_METRICS, metric_header
@@ -118,6 +120,16 @@ fig = go.Figure(
 ui.plotly_layout(fig, height=max(160, 46 * len(board) + 80), showlegend=False)
 fig.update_xaxes(title=f"{metric_header(metric)} — mean with 95% CI" + (" (right is better)" if higher else " (left is better)"))
 st.plotly_chart(fig, key="board_forest")
+
+# -- calibration and uncertainty ------------------------------------------------------------------------------------
+st.subheader("Calibration and uncertainty")
+st.dataframe(queries.probability_display(ui.probability_board(ctx.url, ctx.version, scope, runs, site)), hide_index=True, width="stretch",
+             key="board_probabilities")
+st.caption(PROBABILITY_NOTE.strip())
+diagram = ui.reliability(ctx.url, ctx.version, scope, runs)
+diagram = diagram[diagram["site"] == (site or "overall")] if not diagram.empty else diagram
+if not diagram.empty:
+    st.plotly_chart(ui.plotly_layout(reliability_figure(diagram, colours=colours)).update_layout(title=None), key="board_reliability")
 
 # -- per-site matrix ------------------------------------------------------------------------------------------------
 if view == "Per site":

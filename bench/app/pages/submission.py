@@ -43,6 +43,7 @@ runs = card.runs
 if runs is None or runs.empty:
     st.caption("No run of this submission yet.")
 else:
+    runs = runs.assign(budget_used=runs["budget"].map(lambda b: b.get("summary", "") if isinstance(b, dict) else "does not train"))
     st.dataframe(
         runs[[c for c in ("run_id", "dataset", "protocol", "convention", "lesion_rule", "run_status", "n_cases", "n_failed", "isolation",
                           "budget_used", "started_at", "finished_at", "device", "code_version") if c in runs]],
