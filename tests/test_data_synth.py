@@ -184,10 +184,15 @@ def test_random_fields_and_atlas() -> None:
     again = smooth_random_field(np.random.default_rng(0), (40, 50, 60), (8, 8, 8), n_fields=3)
     assert np.array_equal(fields, again)
     atlas = build_normative_atlas(SIZE_PRESETS["tiny"].template_resolution_mm, SIZE_PRESETS["tiny"].atlas_subjects)
+    # A separate normative population with its own fixed seed: the same atlas for every dataset seed.
+    assert build_normative_atlas(SIZE_PRESETS["tiny"].template_resolution_mm, SIZE_PRESETS["tiny"].atlas_subjects) is atlas
     template = load_template(SIZE_PRESETS["tiny"].template_resolution_mm)
     white = template.wm > 0.9
     assert 1250 < np.median(atlas.mean[white]) < 1600
     assert (atlas.std > 0).all()
+    # Its babies' anatomy differs, so it varies most where tissue meets fluid.
+    boundary = (template.csf > 0.3) & (template.csf < 0.7) & (template.brain > 0.5)
+    assert np.median(atlas.std[boundary] / atlas.mean[boundary]) > np.median(atlas.std[white] / atlas.mean[white])
 
 
 def test_nnunet_accepts_the_generated_dataset(synthetic_dataset: Dataset, capfd: pytest.CaptureFixture[str]) -> None:

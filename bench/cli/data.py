@@ -87,30 +87,39 @@ def _progress(label: str):
 
 @app.command("synth")
 def synth_command(
-    cases: int = typer.Option(60, "--cases", min=1, help="Number of cases, split evenly over the sites."),
-    sites: int = typer.Option(4, "--sites", min=1, help="Number of sites (hospitals)."),
+    cases: Optional[int] = typer.Option(None, "--cases", min=1, help="Number of cases, split evenly over the sites (default: 60; set by --preset)."),
+    sites: Optional[int] = typer.Option(None, "--sites", min=1, help="Number of sites (hospitals) (default: 4; set by --preset)."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (same seed, same dataset)."),
-    size: str = typer.Option("full", "--size", help="Grid size: full (realistic 128-256 x 23-60), small (64x64x16, CPU demo) or tiny (32x32x8, tests)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Dataset folder to write [default: <data root>/hie-synth]."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes [default: one per CPU core]."),
+    size: str = typer.Option("full", "--size", help="Grid size: full (realistic 128-256 x 16-64), small (64x64x16, CPU demo) or tiny (32x32x8, tests)."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="A cohort shaped like a published one: bonbid2023 (one hospital, 85 training + 44 test cases stored as the holdout split)."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Dataset folder to write (default: <data root>/hie-synth, or hie-synth-<preset>)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes (default: one per CPU core)."),
     folds: Optional[int] = typer.Option(
-        None, "--folds", min=2, help=f"Number of site-stratified k-fold splits stored in splits.json, at most --cases [default: {SYNTH_FOLDS}]."
+        None, "--folds", min=2, help=f"Number of site-stratified k-fold splits stored in splits.json, at most --cases (default: {SYNTH_FOLDS})."
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing dataset at --out."),
 ) -> None:
     """Generate a synthetic multi-site neonatal HIE dataset (ADC, Z-ADC, lesion labels)."""
-    from bench.data.synth import generate_synthetic_dataset
+    from bench.data.synth import cohort_preset, generate_synthetic_dataset
 
-    target = out or _data_root() / "hie-synth"
-    if folds is not None and folds > cases:
+    with _user_errors():
+        cohort = cohort_preset(preset) if preset is not None else None
+    if cohort is not None and (cases is not None or sites is not None):
+        typer.echo(f"Error: --preset {cohort.name} fixes the cohort ({cohort.cases} cases, {len(cohort.sites)} site(s)): leave out --cases and --sites.", err=True)
+        raise typer.Exit(1)
+    total = cohort.cases if cohort is not None else (60 if cases is None else cases)
+    target = out or _data_root() / ("hie-synth" if cohort is None else f"hie-synth-{cohort.name}")
+    if folds is not None and folds > total:
         # Checked before generating: splits.json would hold no k-fold entry at all, and say nothing.
-        typer.echo(f"Error: --folds {folds} needs at least {folds} cases, got --cases {cases}: use --folds {max(cases, 2)} or more cases.", err=True)
+        typer.echo(f"Error: --folds {folds} needs at least {folds} cases, got --cases {total}: use --folds {max(total, 2)} or more cases.", err=True)
         raise typer.Exit(1)
     folds = SYNTH_FOLDS if folds is None else folds
     with _user_errors():
         start = time.perf_counter()
         dataset = generate_synthetic_dataset(
-            target, cases=cases, sites=sites, seed=seed, size=size, workers=workers, overwrite=force, folds=folds, progress=_progress("synth")
+            target, cases=cases, sites=sites, seed=seed, size=size, preset=preset, workers=workers, overwrite=force, folds=folds, progress=_progress("synth")
         )
         elapsed = time.perf_counter() - start
     typer.echo(f"Generated {len(dataset)} cases from {len(dataset.sites)} sites in {elapsed:.1f} s -> {dataset.root} (version {dataset.version})")

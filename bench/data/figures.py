@@ -1,9 +1,12 @@
-"""Pictures of cases: a per-case slice montage and a per-site overview (matplotlib, Agg backend).
+"""Pictures of cases and cohorts (matplotlib, Agg backend): a per-case slice montage, a per-site
+overview, and the realism figures of docs/datasets.md (Z-ADC distributions, lesion burden).
 
-Axial slices are drawn in radiological convention as stored: array row 0 (anterior in an LPS volume)
-at the top, the patient's left on the viewer's right. ADC uses one fixed grey scale (0-2500 x 10^-6
-mm^2/s) for every case, so site intensity differences stay visible; Z-ADC uses a diverging map
-(-6..6, lesions are negative); the reference label is drawn as an outline.
+Cases are stored in many orientations (LPS, RAS, LAS, oblique), so every picture first reorients the
+arrays through their header to LPS (:func:`display_orientation`; the nearest axis-aligned frame for an
+oblique grid, no interpolation). Axial slices are then drawn in radiological convention: anterior at the
+top, the patient's left on the viewer's right, whatever the file's array order. ADC uses one fixed grey
+scale (0-2500 x 10^-6 mm^2/s) for every case, so site intensity differences stay visible; Z-ADC uses a
+diverging map (-6..6, lesions are negative); the reference label is drawn as an outline.
 """
 
 from __future__ import annotations
@@ -16,10 +19,35 @@ import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from bench.data.dataset import Case, Dataset
+    from bench.imageio import Geometry
 
+#: Orientation every picture is drawn in (ITK "to" code: x index -> Left, y -> Posterior, z -> Superior).
+DISPLAY_ORIENTATION = "LPS"
 ADC_RANGE = (0.0, 2500.0)
 ZADC_RANGE = (-6.0, 6.0)
 OUTLINE_COLOR = "#ffd400"
+
+
+def display_orientation(volume: np.ndarray, geometry: "Geometry") -> tuple[np.ndarray, tuple[float, ...]]:
+    """``volume`` (array order z, y, x on ``geometry``) permuted / flipped to :data:`DISPLAY_ORIENTATION`,
+    and its spacing in the new array order. Values are not interpolated."""
+    import SimpleITK as sitk
+
+    from bench.imageio import geometry_of, to_sitk
+
+    dtype = volume.dtype
+    image = sitk.DICOMOrient(to_sitk(volume.astype(np.uint8) if dtype == bool else volume, geometry), DISPLAY_ORIENTATION)
+    array = sitk.GetArrayFromImage(image)
+    return (array.astype(bool) if dtype == bool else array), geometry_of(image).spacing
+
+
+def _load_for_display(case: "Case") -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
+    """ADC, Z-ADC (or ADC again for one-channel data) and label of a case, in display orientation."""
+    image, geometry = case.load_image()
+    adc, spacing = display_orientation(image[0], geometry)
+    zadc, _ = display_orientation(image[min(1, image.shape[0] - 1)], geometry)
+    label = display_orientation(case.load_label(), geometry)[0] if case.label_path is not None else np.zeros(adc.shape, bool)
+    return adc, zadc, label, spacing
 
 
 def pick_slices(brain: np.ndarray, label: np.ndarray, n_slices: int) -> list[int]:
@@ -102,12 +130,11 @@ def render_case(case: "Case", out: str | Path, *, n_slices: int = 8) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    image, geometry = case.load_image()
-    crop = brain_crop(image[0] != 0)
-    adc, zadc = image[0][crop], image[min(1, image.shape[0] - 1)][crop]
-    label = case.load_label()[crop] if case.label_path is not None else np.zeros(adc.shape, bool)
+    adc, zadc, label, spacing = _load_for_display(case)
+    crop = brain_crop(adc != 0)
+    adc, zadc, label = adc[crop], zadc[crop], label[crop]
     slices = pick_slices(adc != 0, label, n_slices)
-    spacing_yx = geometry.spacing[1:]
+    spacing_yx = spacing[1:]
     zadc_display = np.ma.masked_where(adc == 0, zadc)
     cmap_z = matplotlib.colormaps["RdBu_r"].with_extremes(bad="black")
     rows = [
@@ -148,27 +175,14 @@ def render_site_montage(dataset: "Dataset", out: str | Path, *, cases_per_site: 
     figure.patch.set_facecolor("black")
     cmap_z = matplotlib.colormaps["RdBu_r"].with_extremes(bad="black")
     for row, site in enumerate(sites):
-        chosen = _example_cases([c for c in dataset.cases if c.site == site], cases_per_site)
+        chosen = example_cases([c for c in dataset.cases if c.site == site], cases_per_site)
         for index in range(cases_per_site):
             ax_adc, ax_z = axes[row, 2 * index], axes[row, 2 * index + 1]
             if index >= len(chosen):
                 ax_adc.set_axis_off()
                 ax_z.set_axis_off()
                 continue
-            case = chosen[index]
-            image, geometry = case.load_image()
-            crop = brain_crop(image[0] != 0)
-            adc, zadc = image[0][crop], image[min(1, image.shape[0] - 1)][crop]
-            label = case.load_label()[crop] if case.label_path is not None else np.zeros(adc.shape, bool)
-            area = label.reshape(label.shape[0], -1).sum(axis=1)
-            brain_slices = np.flatnonzero((adc != 0).reshape(adc.shape[0], -1).any(axis=1))
-            z = int(np.argmax(area)) if area.any() else int(brain_slices[len(brain_slices) // 2]) if brain_slices.size else adc.shape[0] // 2
-            spacing_yx = geometry.spacing[1:]
-            _draw(ax_adc, adc[z], spacing_yx=spacing_yx, cmap="gray", value_range=ADC_RANGE, outline=label[z])
-            _draw(ax_z, np.ma.masked_where(adc[z] == 0, zadc[z]), spacing_yx=spacing_yx, cmap=cmap_z, value_range=ZADC_RANGE, outline=label[z])
-            meta = case.metadata
-            ax_adc.set_title(f"{case.case_id} ADC", color="white", fontsize=8)
-            ax_z.set_title(f"Z-ADC | {meta.get('pattern', '?')} {_ml(meta.get('lesion_volume_ml'))}", color="white", fontsize=8)
+            _draw_case_pair(ax_adc, ax_z, chosen[index], cmap_z)
         sample = next((c for c in dataset.cases if c.site == site), None)
         scanner = sample.metadata.get("scanner", "") if sample is not None else ""
         axes[row, 0].text(-0.08, 0.5, f"{site}\n{scanner}", transform=axes[row, 0].transAxes, rotation=90, color="white", fontsize=8, ha="right", va="center")
@@ -180,7 +194,52 @@ def render_site_montage(dataset: "Dataset", out: str | Path, *, cases_per_site: 
         plt.close(figure)
 
 
-def _example_cases(cases: Sequence["Case"], count: int) -> list["Case"]:
+def _draw_case_pair(ax_adc, ax_z, case: "Case", cmap_z) -> None:
+    """ADC and Z-ADC of ``case`` with the label outline, at its slice of largest lesion area (mid-brain
+    slice when lesion-free), titled with the id, the pattern and the lesion volume."""
+    adc, zadc, label, spacing = _load_for_display(case)
+    crop = brain_crop(adc != 0)
+    adc, zadc, label = adc[crop], zadc[crop], label[crop]
+    area = label.reshape(label.shape[0], -1).sum(axis=1)
+    brain_slices = np.flatnonzero((adc != 0).reshape(adc.shape[0], -1).any(axis=1))
+    z = int(np.argmax(area)) if area.any() else int(brain_slices[len(brain_slices) // 2]) if brain_slices.size else adc.shape[0] // 2
+    spacing_yx = spacing[1:]
+    _draw(ax_adc, adc[z], spacing_yx=spacing_yx, cmap="gray", value_range=ADC_RANGE, outline=label[z])
+    _draw(ax_z, np.ma.masked_where(adc[z] == 0, zadc[z]), spacing_yx=spacing_yx, cmap=cmap_z, value_range=ZADC_RANGE, outline=label[z])
+    meta = case.metadata
+    orientation = f" | {meta['orientation']}" if meta.get("orientation") else ""
+    ax_adc.set_title(f"{case.case_id} ADC{orientation}", color="white", fontsize=8)
+    ax_z.set_title(f"Z-ADC | {meta.get('pattern', '?')} {_ml(meta.get('lesion_volume_ml'))}", color="white", fontsize=8)
+
+
+def render_case_grid(cases: Sequence["Case"], out: str | Path, *, columns: int = 4, title: str = "") -> Path:
+    """``cases`` as ADC / Z-ADC pairs (as in :func:`render_site_montage`), ``columns`` cases per row:
+    the overview for a single-site cohort."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(cases) // columns))
+    figure, axes = plt.subplots(rows, 2 * columns, figsize=(2.2 * 2 * columns, 2.5 * rows), dpi=100, squeeze=False)
+    figure.patch.set_facecolor("black")
+    cmap_z = matplotlib.colormaps["RdBu_r"].with_extremes(bad="black")
+    for index in range(rows * columns):
+        ax_adc, ax_z = axes[index // columns, 2 * (index % columns)], axes[index // columns, 2 * (index % columns) + 1]
+        if index < len(cases):
+            _draw_case_pair(ax_adc, ax_z, cases[index], cmap_z)
+        else:
+            ax_adc.set_axis_off()
+            ax_z.set_axis_off()
+    figure.suptitle(title, color="white", fontsize=11)
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    try:
+        return _save(figure, Path(out))
+    finally:
+        plt.close(figure)
+
+
+def example_cases(cases: Sequence["Case"], count: int) -> list["Case"]:
     """Up to ``count`` cases with lesions and distinct patterns (then any others), in dataset order."""
     chosen: list[Case] = []
     patterns: set[str] = set()
@@ -196,3 +255,72 @@ def _example_cases(cases: Sequence["Case"], count: int) -> list["Case"]:
         if case not in chosen:
             chosen.append(case)
     return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# Realism figures (docs/datasets.md)
+
+
+def _figure(n_panels: int, width: float = 4.2, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), dpi=110, squeeze=False)
+    return plt, figure, list(axes[0])
+
+
+def _save_white(plt, figure, out: str | Path) -> Path:
+    figure.tight_layout()
+    figure.patch.set_facecolor("white")
+    try:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out, dpi=figure.dpi, facecolor="white")
+        return out
+    finally:
+        plt.close(figure)
+
+
+def render_zadc_distributions(histograms: "dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]", out: str | Path) -> Path:
+    """One panel per cohort: the Z-ADC distribution of normal brain voxels and of lesion voxels (density,
+    log scale), with the Z = -2 rule and the share of each class below it.
+
+    ``histograms`` maps a cohort's title to :func:`bench.data.summary.zadc_histograms` output.
+    """
+    plt, figure, axes = _figure(len(histograms))
+    for ax, (title, (edges, normal, lesion)) in zip(axes, histograms.items()):
+        centres = (edges[:-1] + edges[1:]) / 2
+        width = float(edges[1] - edges[0])
+        below = centres < -2.0
+        for counts, colour, name in ((normal, "#4477aa", "normal brain"), (lesion, "#ee6677", "lesion")):
+            total = max(int(counts.sum()), 1)
+            share = 100.0 * counts[below].sum() / total
+            ax.step(centres, counts / total / width, where="mid", color=colour, label=f"{name}: {share:.1f} % below -2")
+        ax.axvline(-2.0, color="black", linestyle="--", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylim(1e-5, 2.0)
+        ax.set_xlim(-10, 10)
+        ax.set_xlabel("Z-ADC")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0].set_ylabel("density")
+    return _save_white(plt, figure, out)
+
+
+def render_lesion_burden(fractions: "dict[str, np.ndarray]", out: str | Path) -> Path:
+    """Cumulative distribution of lesion burden (lesion volume over brain volume, %) per cohort, with
+    BONBID-HIE's published fact: over half of the patients under 1 %."""
+    plt, figure, (ax,) = _figure(1, width=5.2, height=3.4)
+    for name, values in fractions.items():
+        values = np.sort(100.0 * np.asarray(values, float))
+        ax.step(np.maximum(values, 1e-3), np.arange(1, values.size + 1) / values.size, where="post", label=f"{name} (n={values.size})")
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=0.8)
+    ax.scatter([1.0], [0.5], marker="v", color="black", zorder=5, label="BONBID-HIE: over half < 1 %")
+    ax.set_xscale("log")
+    ax.set_xlim(1e-2, 20)
+    ax.set_xlabel("lesion volume, % of brain (lesion-free cases at the left edge)")
+    ax.set_ylabel("share of cases")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save_white(plt, figure, out)

@@ -21,6 +21,12 @@
 Both read every file, check it (readable 3-D image, finite values, binary label, channels and label on
 one grid), and write the dataset atomically with :class:`~bench.data.layout.DatasetWriter`: an error
 names the file and the problem, and an interrupted import leaves nothing behind.
+
+**Orientation is kept.** Arrays are written in their stored order with the source's full geometry
+(spacing, origin and direction cosines, read by :func:`bench.imageio.read_image`), never reoriented: a
+case stored LPS, RAS, LAS (left-handed), oblique or sagittal (axes permuted) keeps its header, and
+every later stage maps results back onto that grid (``tests/test_orientation.py`` imports each of these
+as BONBID-HIE ``.mha`` files and checks the header and physical positions after the import).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Each pattern draws a *soft* lesion map (float32 in [0, 1], the fraction of a template voxel that is
 lesion) on the template grid, so that lesions follow the anatomy through the same deformation as the
 brain. The native label is that map, blurred by the slice profile and resampled to the acquisition
-grid, thresholded at the site's annotation threshold (one half by default): lesions thinner than a
-slice fade, as they do on real thick-slice DWI.
+grid, as one of the site's raters outlines it (:func:`annotate`, below): lesions thinner than a slice
+fade, as they do on real thick-slice DWI.
 
 Patterns (the ``pattern`` column of ``cases.csv``):
 
@@ -24,12 +24,20 @@ Patterns (the ``pattern`` column of ``cases.csv``):
     no lesion (the case is in the dataset as a true negative).
 
 Sizes are given in *neonatal* millimetres and converted with the case's template-to-neonate scale.
+
+**Raters** (:class:`RaterHabit`, :func:`annotate`). A label is a person's outline, not the truth: each
+site has one or more raters with their own habits, and one of them labels each case. A rater draws the
+outline where the (blurred, partial-volume) lesion fraction crosses their threshold, which drifts a
+little from case to case; the outline wobbles by about a voxel where the lesion edge is shallow (a
+smooth random offset of the fraction, correlated over a few millimetres); and lesions smaller than the
+rater's attention span are missed with the rater's probability, so a model that finds them is scored as
+a false positive, as on real data. The most conspicuous (largest) lesion is never missed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -297,3 +305,81 @@ def draw_lesions(pattern: str, ctx: LesionContext, rng: np.random.Generator, tar
     except KeyError:
         raise ValueError(f"unknown injury pattern {pattern!r}; known: {', '.join(PATTERNS)}") from None
     return drawer(ctx, rng, target_ml)
+
+
+# --------------------------------------------------------------------------------------------------
+# Raters
+
+
+@dataclass(frozen=True)
+class RaterHabit:
+    """How one annotator outlines lesions (see the module docstring)."""
+
+    name: str
+    #: Lesion fraction (after the acquisition blur) from which a voxel is outlined: below 0.5 a generous
+    #: rater includes the partial-volume rim, above it a conservative one keeps the core.
+    threshold: float = 0.5
+    #: Case-to-case drift of the threshold (standard deviation).
+    threshold_sd: float = 0.05
+    #: Amplitude of the boundary wobble, in lesion-fraction units, and its correlation length (mm).
+    jitter: float = 0.12
+    jitter_mm: float = 4.0
+    #: Lesions (26-connected label components) under this volume are missed with this probability each.
+    miss_below_ml: float = 0.05
+    miss_probability: float = 0.0
+
+
+#: Partial-volume fraction under which no rater draws, whatever the wobble (far from any lesion).
+RATER_FLOOR = 0.05
+
+
+def annotate(lesion: np.ndarray, brain: np.ndarray, habit: RaterHabit, rng: np.random.Generator, spacing: Sequence[float]) -> tuple[np.ndarray, int]:
+    """``(label, missed)``: the rater's outline of the partial-volume lesion map on the native grid and
+    the number of lesions they missed (``spacing`` in array order, mm)."""
+    from bench.data.acquisition import smooth_random_field
+
+    threshold = float(np.clip(habit.threshold + rng.normal(0.0, habit.threshold_sd), 0.2, 0.8))
+    candidate = (lesion > RATER_FLOOR) & brain
+    if not candidate.any():
+        return np.zeros(lesion.shape, bool), 0
+    box = _box(candidate, margin=1)
+    local = lesion[box]
+    wobble = smooth_random_field(rng, local.shape, tuple(habit.jitter_mm / float(s) for s in spacing))[0] * habit.jitter if habit.jitter > 0 else 0.0
+    label = np.zeros(lesion.shape, bool)
+    label[box] = ((local + wobble) > threshold) & candidate[box]
+    if not label.any():
+        # The lesion is fainter than the outline threshold everywhere: a rater who sees it outlines
+        # its most lesion-like voxels (matters on the coarse test grids only).
+        label = (lesion >= 0.5 * float((lesion * brain).max())) & brain
+    label, missed = _miss_small(label, habit, rng, spacing)
+    return label, missed
+
+
+def _miss_small(label: np.ndarray, habit: RaterHabit, rng: np.random.Generator, spacing: Sequence[float]) -> tuple[np.ndarray, int]:
+    """Drop small lesions with the rater's miss probability; the largest lesion is always kept."""
+    import cc3d
+
+    if habit.miss_probability <= 0 or not label.any():
+        return label, 0
+    components, n = cc3d.connected_components(label.astype(np.uint8), connectivity=26, return_N=True)
+    if n < 2:
+        return label, 0
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    small = sizes * voxel_ml < habit.miss_below_ml
+    small[int(np.argmax(sizes))] = False
+    dropped = small & (rng.random(n + 1) < habit.miss_probability)
+    dropped[0] = False
+    if not dropped.any():
+        return label, 0
+    return label & ~dropped[components], int(dropped.sum())
+
+
+def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Bounding box of ``mask`` grown by ``margin`` voxels (``mask`` must not be empty)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hits[0]) - margin, 0), int(hits[-1]) + margin + 1))
+    return tuple(box)
