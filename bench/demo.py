@@ -34,14 +34,13 @@ def run_demo(
     workers: int = 1,
 ) -> float:
     """Run the demo; returns its wall time in seconds."""
-    from rich.console import Console
 
     from bench.data.dataset import Dataset
     from bench.data.synth import generate_synthetic_dataset
     from bench.harness import RunSpec, run_benchmark
-    from bench.report import leaderboard_table, render_leaderboard
+    from bench.report import leaderboard_table, render_leaderboard, table_console
 
-    console = Console()
+    console = table_console()  # full width when piped or logged: the calibration and budget columns must show
     started = time.perf_counter()
     if not submissions_root.is_dir():  # run from elsewhere than the repository root: use the shipped ones
         submissions_root = Path(__file__).resolve().parents[1] / "submissions"
