@@ -316,10 +316,16 @@ class LogRegPredictor:
         return brain, self.model.fit.probability(x) if len(x) else np.zeros(0)
 
     def predict(self, case: "Case") -> np.ndarray:
+        return self.predict_with_probability(case).mask
+
+    def predict_with_probability(self, case: "Case"):
+        """The mask and the lesion probability map (0 outside the brain), from one pass over the features."""
+        from bench.submissions.guard import Prediction
+
         brain, p = self.probabilities(case)
-        mask = np.zeros(brain.shape, bool)
-        mask[brain] = p > self.model.threshold
-        return mask
+        probability = np.zeros(brain.shape, np.float32)
+        probability[brain] = p
+        return Prediction(mask=brain & (probability > self.model.threshold), probability=probability)
 
 
 class LogRegTrainable:
