@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -152,16 +153,25 @@ def test_a_claimant_killed_with_9_has_its_unit_taken_again(store: Store, db_url:
         victim.wait()
 
 
-def test_claimants_racing_for_the_same_units_never_both_get_one(store: Store, db_url: str) -> None:
+def test_claimants_racing_for_the_same_units_never_both_get_one(store: Store, db_url: str, tmp_path: Path) -> None:
     units = 40
     start_at = time.time() + 4.0  # both processes are up and connected before the race starts
+    # Both stay alive until both have finished: a claimant that exits first leaves leases of a dead pid on
+    # this machine, which the other may rightly take over (that is the crash recovery, not a double claim).
+    barrier = tmp_path / "finished"
+    barrier.mkdir()
     script = f"""
+        import os, pathlib
         claimed = []
         time.sleep(max(0.0, {start_at} - time.time()))
         for fold in range({units}):
             if claim_unit(store, "run1", f"fold-{{fold}}", ttl_s=600, heartbeat=False) is not None:
                 claimed.append(fold)
-        print(" ".join(map(str, claimed)))
+        print(" ".join(map(str, claimed)), flush=True)
+        pathlib.Path({str(barrier)!r}, str(os.getpid())).touch()
+        deadline = time.time() + 60
+        while len(os.listdir({str(barrier)!r})) < 2 and time.time() < deadline:
+            time.sleep(0.05)
         """
     racers = [_claimant(db_url, script) for _ in range(2)]
     outputs = []
