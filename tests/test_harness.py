@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import write_python_submission
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
@@ -38,23 +39,6 @@ def _case_rows(db_url: str) -> list[tuple[str, str, str]]:
     return [tuple(r) for r in rows]
 
 
-def _python_submission(folder: Path, body: str, name: str) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "predict.py").write_text(textwrap.dedent(body))
-    (folder / "submission.yaml").write_text(textwrap.dedent(f"""\
-        name: {name}
-        version: "0.1.0"
-        authors: [tests]
-        description: a test submission
-        licence: Apache-2.0
-        kind: python
-        entry: predict.py:predict
-        inputs: {{channels: [ADC, Z-ADC], space: native}}
-        time_limit_s: 60
-        """))
-    return folder
-
-
 def test_run_scores_every_held_out_case_once_and_a_rerun_is_a_no_op(dataset_dir: Path, tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'bench.db'}"
     specs = [RunSpec(submission=ZADC, dataset=dataset_dir, protocol=p, folds=2, results_dir=tmp_path, db_url=db_url) for p in ("kfold", "loso")]
@@ -78,7 +62,7 @@ def test_run_scores_every_held_out_case_once_and_a_rerun_is_a_no_op(dataset_dir:
 
 
 def test_resume_after_kill_9_completes_without_duplicates_or_losses(dataset_dir: Path, tmp_path: Path) -> None:
-    slow = _python_submission(tmp_path / "slow", """\
+    slow = write_python_submission(tmp_path / "slow", """\
         import time
         def predict(case):
             time.sleep(0.4)
@@ -109,7 +93,7 @@ def test_resume_after_kill_9_completes_without_duplicates_or_losses(dataset_dir:
 
 
 def test_a_crashing_model_fails_its_cases_and_the_benchmark_goes_on(dataset_dir: Path, tmp_path: Path) -> None:
-    broken = _python_submission(tmp_path / "broken", """\
+    broken = write_python_submission(tmp_path / "broken", """\
         def predict(case):
             if case.case_id.startswith("SiteA"):
                 raise RuntimeError("this model cannot handle SiteA")

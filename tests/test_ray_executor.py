@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support import PG_URL, write_python_submission
 import sqlalchemy as sa
 
 from bench.harness import LocalExecutor, RunSpec, run_benchmark
@@ -24,7 +25,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 REPO = Path(__file__).resolve().parents[1]
 ZADC = REPO / "submissions" / "zadc-threshold"
-PG_URL = os.environ.get("HIE_BENCH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 #: Columns that legitimately differ between two executions of the same unit.
 VOLATILE = {"id", "prediction_path", "predict_s", "score_s", "recorded_at"}
 
@@ -76,23 +76,6 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _python_submission(folder: Path, body: str, name: str) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "predict.py").write_text(textwrap.dedent(body))
-    (folder / "submission.yaml").write_text(textwrap.dedent(f"""\
-        name: {name}
-        version: "0.1.0"
-        authors: [tests]
-        description: a test submission
-        licence: Apache-2.0
-        kind: python
-        entry: predict.py:predict
-        inputs: {{channels: [ADC, Z-ADC], space: native}}
-        time_limit_s: 60
-        """))
-    return folder
-
-
 def _rows(db_url: str, table: str) -> list[tuple]:
     """Every row of ``table`` without the columns that differ between executions, sorted."""
     engine = sa.create_engine(db_url)
@@ -108,7 +91,7 @@ def test_ray_stores_exactly_the_rows_the_local_executor_stores(ray_cluster, pg_s
     from bench.executors import RayExecutor
     from bench.report import leaderboard_table
 
-    low_adc = _python_submission(tmp_path / "low-adc", """\
+    low_adc = write_python_submission(tmp_path / "low-adc", """\
         def predict(case):
             adc, _ = case.load_channel("ADC")
             return (adc > 0) & (adc < 900)
@@ -133,7 +116,7 @@ def test_ray_stores_exactly_the_rows_the_local_executor_stores(ray_cluster, pg_s
 def test_a_ray_worker_killed_mid_unit_loses_and_duplicates_nothing(ray_cluster, pg_schema, dataset_dir: Path, tmp_path: Path) -> None:
     from bench.executors import RayExecutor
 
-    slow = _python_submission(tmp_path / "slow", """\
+    slow = write_python_submission(tmp_path / "slow", """\
         import time
         def predict(case):
             time.sleep(1.0)

@@ -19,44 +19,30 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from support import PG_URL, pg_schema, postgres_unavailable_reason  # noqa: F401
 import sqlalchemy as sa
 
 from bench.metrics import METRICS, lesion_matches
 from bench.store import LOG_TAIL_CHARS, METRIC_COLUMNS, Store, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
-PG_URL = os.environ.get("HIE_BENCH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="session")
 def postgres_unavailable() -> str | None:
-    """Why PostgreSQL cannot be used (``None`` when it can)."""
-    try:
-        engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        engine.dispose()
-    except Exception as exc:  # any failure to connect means: skip, do not fail
-        return f"no PostgreSQL server answers at {PG_URL} ({type(exc).__name__}); set HIE_BENCH_TEST_PG_URL to test it"
-    return None
+    return postgres_unavailable_reason()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path, postgres_unavailable):
-    """A fresh, empty database: a SQLite file, or a private schema on the PostgreSQL server."""
+    """A fresh database: a SQLite file, or a private schema on the PostgreSQL server (dropped after)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'results' / 'bench.db'}"
         return
     if postgres_unavailable:
         pytest.skip(postgres_unavailable)
-    schema = f"hie_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with pg_schema() as url:
+        yield url
 
 
 @pytest.fixture

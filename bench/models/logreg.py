@@ -346,11 +346,11 @@ class LogRegTrainable:
         device: str | None = None,
         source: dict[str, Any] | None = None,
     ) -> None:
-        if schedule_name not in recipe.schedules:
-            raise ValueError(f"recipe has no '{schedule_name}' schedule (it has: {', '.join(recipe.schedules)})")
+        from bench.models.recipe import bound_schedule  # recipe imports this module: import at use
+
         self.recipe = recipe
         self.schedule_name = schedule_name
-        self.schedule = recipe.schedules[schedule_name]
+        self.schedule = bound_schedule(recipe, schedule_name)
         self.channels: tuple[str, ...] = tuple(preprocessing.channels) if preprocessing is not None else (ADC_CHANNEL, ZADC_CHANNEL)
         missing = [c for c in (ADC_CHANNEL, ZADC_CHANNEL) if c not in self.channels]
         if missing:

@@ -72,6 +72,7 @@ import numpy as np
 
 from bench.imageio import strip_image_suffix, write_text_atomic
 from bench.models.recipe import (
+    bound_schedule,
     NNUNET_VAL_ITERATIONS_PER_EPOCH,
     BudgetUsed,
     NnUNetPlanEdits,
@@ -525,11 +526,9 @@ class NnUNetTrainable:
         device: str | None = None,
         source: dict[str, Any] | None = None,
     ) -> None:
-        if schedule_name not in recipe.schedules:
-            raise ValueError(f"recipe has no '{schedule_name}' schedule (it has: {', '.join(recipe.schedules)})")
         self.recipe = recipe
         self.schedule_name = schedule_name
-        self.schedule: NnUNetSchedule = recipe.schedules[schedule_name]
+        self.schedule: NnUNetSchedule = bound_schedule(recipe, schedule_name)
         self.budget = training_budget(schedule_name)
         recipe.step_plan(schedule_name)  # a fixed patch and batch are checked against the budget now
         # nnU-Net normalises and resamples by itself; only the channel selection is taken from the

@@ -725,6 +725,13 @@ def resolve_schedule_name(schedule: str) -> ScheduleName:
     return schedule  # type: ignore[return-value]
 
 
+def bound_schedule(recipe: Any, schedule_name: str) -> Any:
+    """The schedule a trainable is bound to (every trainer's constructor); ``ValueError`` naming the ones there are."""
+    if schedule_name not in recipe.schedules:
+        raise ValueError(f"recipe has no '{schedule_name}' schedule (it has: {', '.join(recipe.schedules)})")
+    return recipe.schedules[schedule_name]
+
+
 def select_schedule(recipe: MonaiRecipe | NnUNetRecipe, schedule: str, *, source: str = "recipe"):
     """The recipe's schedule for ``schedule`` (``auto``/``cpu``/``gpu``), with a clear error if absent."""
     name = resolve_schedule_name(schedule)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from bench.models.recipe import BudgetUsed, InferenceConfig, MonaiRecipe, MonaiSchedule, ScheduleName, StepPlan
+from bench.models.recipe import BudgetUsed, InferenceConfig, bound_schedule, MonaiRecipe, MonaiSchedule, ScheduleName, StepPlan
 from bench.models.runfolder import (
     CHECKPOINT_FILE,
     MODEL_FILE,
@@ -286,11 +286,9 @@ class MonaiTrainable:
     ) -> None:
         from bench.preprocess import PreprocessingConfig
 
-        if schedule_name not in recipe.schedules:
-            raise ValueError(f"recipe has no '{schedule_name}' schedule (it has: {', '.join(recipe.schedules)})")
         self.recipe = recipe
         self.schedule_name = schedule_name
-        self.schedule: MonaiSchedule = recipe.schedules[schedule_name]
+        self.schedule: MonaiSchedule = bound_schedule(recipe, schedule_name)
         #: Optimizer steps and epochs within the schedule's budget (checked now, not after training).
         self.step_plan: StepPlan = recipe.step_plan(schedule_name)
         self.preprocessing = preprocessing or PreprocessingConfig()
