@@ -174,20 +174,20 @@ class FoldUnit:
     def _predictor(self, dataset: Dataset):
         """The fold's predictor, always behind the submission guard (blinding, sandbox, limits, mask check)."""
         from bench.submissions import load_submission
+        from bench.submissions.training import train_fold
 
         submission = load_submission(self.spec.submission)
         cache_dir = self.spec.results_dir.resolve() / "cache"
         if not submission.trains:  # predictions do not depend on the fold: one predictor process per run
             return shared_predictor(self.run_id, lambda: submission.predictor(cache_dir=cache_dir, sandbox=self.spec.sandbox)), 0.0, True, None
         train_ids, val_ids = split_validation(dataset, self.fold.train, self.spec.val_fraction, self.spec.seed)
-        trainable = submission.trainable(schedule=self.spec.schedule, cache_dir=cache_dir)
-        start = time.perf_counter()
-        model_dir = self.run_dir / "models" / self.fold.name
-        fitted = trainable.fit([dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids], model_dir)
-        train_s = time.perf_counter() - start
-        used = getattr(fitted, "budget_used", None)
-        budget = used.to_dict() if used is not None else None
-        return fold_predictor(fitted, model_dir, cache_dir=cache_dir, sandbox=self.spec.sandbox), train_s, False, budget
+        # Trained in a sandbox holding this fold's training cases only, then exported and scored like an upload.
+        trained = train_fold(submission, [dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids],
+                             self.run_dir / "models" / self.fold.name, schedule=self.spec.schedule, cache_dir=cache_dir,
+                             sandbox=self.spec.sandbox, secrets=[self.spec.results_dir.resolve(), dataset.root.resolve()],
+                             label=f"training fold {self.fold.name}")
+        predictor = load_submission(trained.export_dir).predictor(cache_dir=cache_dir, sandbox=self.spec.sandbox)
+        return predictor, trained.train_s, False, trained.budget
 
 
 #: The open predictor of a non-training submission, kept for the other folds of its run in this process
@@ -229,16 +229,19 @@ def budget_summary(results: Sequence[UnitResult]) -> dict | None:
 
 
 def fold_predictor(fitted, model_dir: Path, *, cache_dir: Path | None = None, sandbox: bool = True):
-    """A trained fold's predictor on the one prediction path.
+    """The predictor of a fold fitted in this process (the harness itself trains through
+    :func:`bench.submissions.training.train_fold`), on the one prediction path.
 
     The fold is exported once into ``model_dir/submission`` (TorchScript for MONAI-trainer folds, nnU-Net's
-    own format for nnU-Net folds) and run like any uploaded submission of that kind, through the same
-    guard, sandbox and inference code; so a trained fold and its export give identical masks by
-    construction. A trainer without an exported form runs in this process behind the same guard.
+    own format for nnU-Net folds, python for the logistic regression) and run like any uploaded submission
+    of that kind, through the same guard, sandbox and inference code; so a trained fold and its export
+    give identical masks by construction. A trainer without an exported form runs in this process behind
+    the same guard.
     """
     from bench.models import ExportUnsupported, export_fold
     from bench.submissions import load_submission
     from bench.submissions.guard import FittedPredictor
+    from bench.submissions.training import EXPORT_FOLDER
 
     export_dir = Path(model_dir) / EXPORT_FOLDER
     try:
@@ -250,8 +253,6 @@ def fold_predictor(fitted, model_dir: Path, *, cache_dir: Path | None = None, sa
     return load_submission(export_dir).predictor(cache_dir=cache_dir, sandbox=sandbox)
 
 
-#: Sub-folder of a trained fold's folder that holds its exported submission.
-EXPORT_FOLDER = "submission"
 
 
 def split_validation(dataset: Dataset, train_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

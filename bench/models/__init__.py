@@ -77,13 +77,13 @@ class ExportUnsupported(ValueError):
 
 
 #: The exported form of each trainer's folds (``format="auto"``).
-EXPORT_FORMATS = {"monai": "torchscript", "nnunet": "nnunet"}
+EXPORT_FORMATS = {"monai": "torchscript", "nnunet": "nnunet", "logreg": "python"}
 
 
 def export_fold(
     run_dir: Path,
     out_dir: Path,
-    format: Literal["torchscript", "nnunet", "auto"] = "torchscript",
+    format: Literal["torchscript", "nnunet", "python", "auto"] = "torchscript",
     *,
     name: str | None = None,
     overwrite: bool = False,

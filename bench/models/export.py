@@ -1,7 +1,7 @@
-"""Export a trained fold as a submission folder (``torchscript`` or ``nnunet``).
+"""Export a trained fold as a submission folder (``torchscript``, ``nnunet`` or ``python``).
 
 * ``torchscript`` (MONAI-trainer runs): the network wrapped with its flip test-time augmentation
-  (:class:`~bench.models.inference.MirroredSoftmax`) is traced at the training patch size, so the
+  (:class:`~bench.inference.MirroredSoftmax`) is traced at the training patch size, so the
   exported model outputs class *probabilities* and the manifest says ``activation: none``; sliding
   windows, Gaussian blending, threshold and preprocessing are those the run used.
 * ``nnunet`` (nnU-Net runs): nnU-Net's trained-model folder (``plans.json``, ``dataset.json`` and
@@ -10,6 +10,8 @@
   (weights, configuration name, mirroring axes), so it loads with ``torch.load(weights_only=True)``
   and needs no ``allow_code``; it names ``nnUNetTrainer`` as its trainer, whose network is the one
   every schedule trains.
+* ``python`` (logistic-regression runs): the fitted ``model.json`` and a ``predict.py`` that runs the
+  benchmark's own :class:`~bench.models.logreg.LogRegPredictor` on it (mask and probability map).
 
 The manifest's descriptive fields (name, version, authors, description, licence) come from the source
 submission recorded in the run folder. The folder is written to a temporary sibling, checked against
@@ -28,7 +30,9 @@ from typing import Any, Literal
 
 from bench.models.runfolder import MODEL_FILE, RunFolderError, read_run_record
 
-ExportFormat = Literal["torchscript", "nnunet"]
+ExportFormat = Literal["torchscript", "nnunet", "python"]
+#: The trainer whose runs each format exports.
+FORMAT_TRAINER = {"torchscript": "monai", "nnunet": "nnunet", "python": "logreg"}
 MANIFEST_NAME = "submission.yaml"
 DEFAULT_LICENCE = "Apache-2.0"
 
@@ -42,19 +46,20 @@ def export_fold(run_dir: Path, out_dir: Path, format: ExportFormat = "torchscrip
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     record = read_run_record(run_dir)
     trainer = record["identity"].get("trainer")
-    if format not in ("torchscript", "nnunet"):
-        raise ExportError(f"unknown export format {format!r}; use 'torchscript' or 'nnunet'")
-    if format == "torchscript" and trainer != "monai":
-        raise ExportError(f"{run_dir}: a '{trainer}' run cannot be exported as torchscript (only MONAI-trainer runs can); use format='nnunet'")
-    if format == "nnunet" and trainer != "nnunet":
-        raise ExportError(f"{run_dir}: a '{trainer}' run cannot be exported as nnunet (only nnU-Net runs can); use format='torchscript'")
+    if format not in FORMAT_TRAINER:
+        raise ExportError(f"unknown export format {format!r}; use one of {sorted(FORMAT_TRAINER)}")
+    if FORMAT_TRAINER[format] != trainer:
+        usable = [f for f, t in FORMAT_TRAINER.items() if t == trainer]
+        raise ExportError(f"{run_dir}: a '{trainer}' run cannot be exported as {format}"
+                          + (f"; use format={usable[0]!r}" if usable else " (its trainer has no exported form)"))
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir.parent))
     try:
         common = _descriptive_fields(record, run_dir, format, name)
-        manifest = _export_torchscript(run_dir, tmp) if format == "torchscript" else _export_nnunet(run_dir, record, tmp)
+        exporters = {"torchscript": _export_torchscript, "nnunet": _export_nnunet, "python": _export_logreg}
+        manifest = exporters[format](run_dir, record, tmp)
         _write_manifest(tmp, {**common, **manifest})
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -84,10 +89,10 @@ def _descriptive_fields(record: dict[str, Any], run_dir: Path, format: str, name
     }
 
 
-def _export_torchscript(run_dir: Path, folder: Path) -> dict[str, Any]:
+def _export_torchscript(run_dir: Path, record: dict[str, Any], folder: Path) -> dict[str, Any]:
     import torch
 
-    from bench.models.inference import MirroredSoftmax
+    from bench.inference import MirroredSoftmax
     from bench.models.monai_model import ModelBundle
 
     bundle = ModelBundle.load(run_dir / MODEL_FILE)
@@ -161,6 +166,33 @@ def _export_nnunet(run_dir: Path, record: dict[str, Any], folder: Path) -> dict[
         "inputs": {"channels": [channels[str(i)] for i in range(len(channels))], "space": "native"},
         **manifest,
     }
+
+
+#: The entry of an exported logistic-regression fold: the benchmark's own predictor on the fitted model.
+LOGREG_ENTRY = '''"""A logistic-regression fold exported by HIE-Bench: the fitted model is model.json."""
+
+import json
+from pathlib import Path
+
+from bench.models.logreg import LogRegModel, LogRegPredictor
+
+_PREDICTOR = LogRegPredictor(LogRegModel.from_json(json.loads((Path(__file__).parent / "model.json").read_text())))
+
+
+def predict(case):
+    return _PREDICTOR.predict_with_probability(case)
+'''
+
+
+def _export_logreg(run_dir: Path, record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The fitted coefficients and threshold, and a ``python`` entry that runs the benchmark's predictor."""
+    from bench.models.logreg import LOGREG_MODEL_FILE, LogRegPredictor
+
+    LogRegPredictor.from_run_dir(run_dir)  # refuses an unreadable model here, not at prediction time
+    shutil.copy2(run_dir / LOGREG_MODEL_FILE, folder / "model.json")
+    (folder / "predict.py").write_text(LOGREG_ENTRY, encoding="utf-8")
+    channels = record["identity"].get("channels") or ["ADC", "Z-ADC"]
+    return {"kind": "python", "entry": "predict.py:predict", "inputs": {"channels": list(channels), "space": "native"}}
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

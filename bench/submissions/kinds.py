@@ -555,6 +555,8 @@ class TrainableLoader(KindLoader):
     #: ``bench.submissions`` never imports ``bench.models``: models depend on the submission contract,
     #: not the other way round.
     builder: ClassVar[str] = "bench.models:build_trainable"
+    #: Where a trained fold is turned into a submission folder of a predicting kind (same lazy lookup).
+    exporter: ClassVar[str] = "bench.models:export_fold"
 
     #: Schedules a recipe may provide; it must build for at least one of them.
     schedules: ClassVar[tuple[str, ...]] = ("cpu", "gpu")
@@ -588,9 +590,18 @@ class TrainableLoader(KindLoader):
     @classmethod
     def build_trainable(cls, submission: "Submission", **options: Any) -> Any:
         """The :class:`~bench.predictor.Trainable` of the submission's recipe (see ``bench.models.build_trainable``)."""
-        module, _, name = cls.builder.partition(":")
-        builder = getattr(importlib.import_module(module), name)
-        return builder(dict(submission.manifest.recipe), submission_dir=submission.path, **options)
+        return _resolve(cls.builder)(dict(submission.manifest.recipe), submission_dir=submission.path, **options)
+
+    @classmethod
+    def export_fold(cls, model_dir: Path, out_dir: Path) -> Path:
+        """Write a trained fold as a submission folder of a predicting kind (``bench.models.export_fold``, ``auto``)."""
+        return _resolve(cls.exporter)(model_dir, out_dir, "auto", overwrite=True)
+
+
+def _resolve(reference: str) -> Any:
+    """The object named ``module:attribute``, imported on first use."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 #: The registry: kind -> loader. Manifest classes and this mapping are the only places kinds are named.

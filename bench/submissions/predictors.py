@@ -268,8 +268,8 @@ class _Worker:
 
     # -- start-up ------------------------------------------------------------------------------------
 
-    def _start(self, case_id: str) -> None:
-        """Start the worker, wait for its ready line, and load the model in it."""
+    def _start(self, case_id: str, *, load: bool = True) -> None:
+        """Start the worker, wait for its ready line, and (``load``) load the model in it."""
         self._spawn(case_id)
         try:
             ready = self._read_line(time.monotonic() + WORKER_STARTUP_TIMEOUT_S)
@@ -279,6 +279,8 @@ class _Worker:
             self._raise_crash(case_id, f"the worker process did not start within {WORKER_STARTUP_TIMEOUT_S:g} s")
         if ready == b"" or _loads(ready) != {"ok": True, "ready": True}:
             self._raise_crash(case_id, "the worker process did not start" if ready == b"" else "the worker process started badly")
+        if not load:
+            return
         try:
             self._exchange({"submission": self._submission_path(), "options": self._worker_options().to_json()}, case_id,
                            f"loading the model took longer than {self.time_limit_s:g} s")
@@ -323,6 +325,13 @@ class _Worker:
         if self.sandbox is None:
             return self.options
         return dataclasses.replace(self.options, cache_dir=str(SANDBOX_CACHE) if self.sandbox.cache is not None else None)
+
+    def train(self, request: dict[str, Any], label: str, *, hidden: list[Path]) -> dict[str, Any]:
+        """Send one training request (:mod:`bench.submissions.training`) to a fresh worker; its reply."""
+        if self.sandbox is not None:
+            self.sandbox.check_hidden(hidden, label)  # before any training code runs with these mounts
+        self._start(label, load=False)
+        return self._exchange(request, label, f"training took longer than {self.time_limit_s:g} s")
 
     # -- one case ------------------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ answer, which the parent checks like any other (docs/security.md).
 Protocol. Once its own imports are done the worker says ``{"ok": true, "ready": true}`` (so start-up
 never counts against a model's time limit). Every request carries a ``nonce`` that its one reply echoes:
 ``{"nonce": ..., "submission": folder, "options": {...}}`` loads the model;
+``{"nonce": ..., "train": {...}}`` trains one fold and exports it (:func:`bench.submissions.training.fit_and_export`,
+replied with ``{"nonce": ..., "ok": true, "budget": ...}``);
 ``{"nonce": ..., "case": {...}, "output": path.npy, "probability_output": path.npy}`` predicts one case
 and saves the mask to ``output`` and, when the model returns a lesion probability map
 (:mod:`bench.submissions.guard`), its ``uint8`` levels (:func:`bench.calibration.quantize`; NaN and values
@@ -104,6 +106,11 @@ def serve(requests: TextIO, replies: _Replies) -> None:
         nonce = request.get("nonce", "")
         budget.renew()
         try:
+            if "train" in request:  # a training worker: one request, then stdin closes
+                from bench.submissions.training import fit_and_export
+
+                replies.send(nonce=nonce, ok=True, **fit_and_export(request["train"]))
+                continue
             if "submission" in request:
                 submission = load_submission(request["submission"])
                 options = PredictorOptions(**request["options"])
@@ -128,7 +135,7 @@ def serve(requests: TextIO, replies: _Replies) -> None:
         except PredictionError as exc:
             replies.send(nonce=nonce, ok=False, error=type(exc).__name__, message=exc.message, fix=exc.fix)
         except BaseException as exc:  # the model's own errors, SystemExit included
-            stage = "loading the model" if "submission" in request else "predicting"
+            stage = "training" if "train" in request else "loading the model" if "submission" in request else "predicting"
             fix = _memory_hint(exc) or "run the model on this case locally and fix the error shown"
             replies.send(nonce=nonce, ok=False, error="PredictionCrash", message=f"{stage} failed: {describe_exception(exc)}", fix=fix)
             if isinstance(exc, KeyboardInterrupt):

@@ -16,6 +16,8 @@ the ``bench`` package              the same path as on the host                r
 ``/work`` (``HOME``, cwd)          a private folder of this predictor          rw
 ``/work/inputs``                   the current case's channels, nothing else   ro
 ``/cache/<preprocessing id>``      this submission's own preprocessing cache   rw
+``/train``, ``/model`` (training    the fold's training cases with labels, and  ro/rw
+sandboxes only)                    its model folder (:mod:`.training`)
 ``/tmp``, ``/dev/shm``             size-limited tmpfs                          rw
 ``/proc``, ``/dev``                a new procfs (this PID namespace only) and  rw
                                    a minimal ``/dev`` (plus the NVIDIA devices
@@ -59,8 +61,13 @@ SANDBOX_INPUTS = SANDBOX_WORK / "inputs"
 SANDBOX_OUT = SANDBOX_WORK / "out"
 SANDBOX_SUBMISSION = PurePosixPath("/submission")
 SANDBOX_CACHE = PurePosixPath("/cache")
+#: Training sandboxes only (:mod:`bench.submissions.training`): the fold's cases with labels, and the
+#: fold's model folder.
+SANDBOX_TRAIN = PurePosixPath("/train")
+SANDBOX_MODEL = PurePosixPath("/model")
 #: Paths the sandbox mounts itself; host paths needed inside may not lie under the ones it cannot nest in.
-_UNNESTABLE = (PurePosixPath("/proc"), PurePosixPath("/dev"), SANDBOX_SUBMISSION, SANDBOX_CACHE, SANDBOX_INPUTS)
+_UNNESTABLE = (PurePosixPath("/proc"), PurePosixPath("/dev"), SANDBOX_SUBMISSION, SANDBOX_CACHE, SANDBOX_INPUTS,
+               SANDBOX_TRAIN, SANDBOX_MODEL)
 
 #: Uid and gid of the sandbox user, where a user namespace lets bwrap choose them.
 SANDBOX_UID = 1000
@@ -338,12 +345,15 @@ class SandboxConfig:
     #: Host folder bound read-write at ``/cache/<cache_name>`` (this submission's own cache), or ``None``.
     cache: Path | None = None
     cache_name: str | None = None
+    #: Further mounts ``(host folder, path inside, writable)``: a training sandbox's cases and model folder.
+    extra: tuple[tuple[Path, PurePosixPath, bool], ...] = ()
 
     def readonly_sources(self) -> list[Path]:
         """Every host path mounted in the sandbox (for :meth:`check_hidden`)."""
         system = [Path(d) for d in SYSTEM_DIRS if Path(d).is_dir() and not Path(d).is_symlink()]
         etc = [Path("/etc") / name for name in ETC_FILES]
         mounted = [*system, *etc, *python_mounts(), self.submission_dir, self.layout.work, self.layout.inputs]
+        mounted += [host for host, _, _ in self.extra]
         return mounted + ([self.cache] if self.cache is not None else []) + [Path(p) for p in gpu_mounts(self.gpu)]
 
     @functools.cached_property
@@ -382,6 +392,8 @@ class SandboxConfig:
         args += ["--ro-bind", str(self.submission_dir), str(SANDBOX_SUBMISSION)]
         if self.cache is not None:
             args += ["--bind", str(self.cache), str(SANDBOX_CACHE / str(self.cache_name))]
+        for host, inside, writable in self.extra:
+            args += ["--bind" if writable else "--ro-bind", str(host), str(inside)]
         # Python last: a venv under /work or /tmp is mounted on top of those (bwrap creates the mount points).
         for path in python_mounts():
             args += ["--ro-bind", str(path), str(path)]
@@ -499,23 +511,25 @@ def gpu_mounts_args(gpu: bool) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def stage_inputs(image_paths: Iterable[Path], inputs: Path) -> list[PurePosixPath]:
-    """Put the case's channels into ``inputs`` (hard links, copies across file systems); their paths inside.
+def stage_inputs(image_paths: Iterable[Path], inputs: Path, inside: PurePosixPath = SANDBOX_INPUTS) -> list[PurePosixPath]:
+    """Put the case's channels into ``inputs`` (hard links, copies across file systems); their paths inside
+    (``inputs`` appears as ``inside``).
 
     Files get fixed names (``0000.nii.gz``, ...), so nothing of the host's names or layout reaches the model.
     """
     clear_inputs(inputs)
-    inside = []
-    for index, source in enumerate(image_paths):
-        source = Path(source)
-        suffix = _suffix(source)
-        name = f"{index:04d}{suffix}"
-        _link_or_copy(source, inputs / name)
-        if suffix == ".mhd":  # its voxels live in a companion file that the header names
-            for companion in _mhd_data_files(source):
-                _link_or_copy(source.parent / companion, inputs / companion)
-        inside.append(SANDBOX_INPUTS / name)
-    return inside
+    return [stage_file(source, inputs, f"{index:04d}", inside) for index, source in enumerate(image_paths)]
+
+
+def stage_file(source: Path, folder: Path, stem: str, inside: PurePosixPath) -> PurePosixPath:
+    """Link (or copy) one image into ``folder`` as ``stem`` plus its suffix (``.mhd`` with its voxel file)."""
+    source = Path(source)
+    suffix = _suffix(source)
+    _link_or_copy(source, folder / f"{stem}{suffix}")
+    if suffix == ".mhd":  # its voxels live in a companion file that the header names
+        for companion in _mhd_data_files(source):
+            _link_or_copy(source.parent / companion, folder / companion)
+    return inside / f"{stem}{suffix}"
 
 
 def clear_inputs(inputs: Path) -> None:

@@ -1,0 +1,54 @@
+"""``bench perf sandbox``: what the sandbox costs on the demo's benchmark, measured in the same run.
+
+The demo's submissions (:data:`bench.demo.DEMO_SUBMISSIONS`) on the demo's cohort, both cross-validation
+protocols and the CPU schedule, run twice from scratch: once with every fit and every prediction in the
+bubblewrap sandbox (the default), once with ``--unsafe-no-sandbox``. One row per submission and
+isolation, and a total; ``ratio`` is sandboxed over unsandboxed wall time (issue 17's target: at most
+:data:`TARGET_RATIO`). Each setting gets its own results folder and cache, so neither reuses the other's
+trained folds or preprocessing.
+
+``quick`` shrinks the cohort (``tiny`` volumes, 8 cases) for a smoke test; the figure that counts is the
+default one, which takes twice as long as ``make demo``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+#: Sandboxed over unsandboxed wall time on the demo (issue 17).
+TARGET_RATIO = 1.2
+
+
+def run_sandbox_benchmark(*, quick: bool = False, work_dir: Path | None = None, submissions: tuple[str, ...] | None = None):
+    """Rows ``submission, sandbox_s, none_s, ratio`` (and a ``total`` row); see the module docstring."""
+    import pandas as pd
+
+    from bench.constants import CROSS_VALIDATION_PROTOCOLS
+    from bench.data.synth import generate_synthetic_dataset
+    from bench.demo import DEMO_SUBMISSIONS
+    from bench.harness import RunSpec, run_benchmark
+
+    names = submissions or DEMO_SUBMISSIONS
+    root_of_submissions = Path(__file__).resolve().parents[2] / "submissions"
+    with tempfile.TemporaryDirectory(prefix="hiebench-perf-sandbox-") as tmp:
+        root = Path(work_dir) if work_dir is not None else Path(tmp)
+        cases, size = (8, "tiny") if quick else (24, "small")
+        dataset = generate_synthetic_dataset(root / "data", cases=cases, sites=4, seed=0, size=size, folds=3)
+        seconds: dict[tuple[str, bool], float] = {}
+        for sandbox in (True, False):
+            results = root / f"results-{'sandbox' if sandbox else 'none'}"
+            for name in names:
+                specs = [RunSpec(submission=root_of_submissions / name, dataset=dataset.root, protocol=protocol, folds=3,
+                                 schedule="cpu", results_dir=results, db_url=f"sqlite:///{results / 'bench.db'}", sandbox=sandbox)
+                         for protocol in CROSS_VALIDATION_PROTOCOLS]
+                started = time.perf_counter()
+                run_benchmark(specs)
+                seconds[name, sandbox] = time.perf_counter() - started
+    rows = [{"submission": n, "sandbox_s": seconds[n, True], "none_s": seconds[n, False]} for n in names]
+    rows.append({"submission": "total", "sandbox_s": sum(r["sandbox_s"] for r in rows), "none_s": sum(r["none_s"] for r in rows)})
+    frame = pd.DataFrame(rows)
+    frame["ratio"] = frame["sandbox_s"] / frame["none_s"]
+    frame.attrs.update(cases=cases, size=size, target=TARGET_RATIO)
+    return frame
