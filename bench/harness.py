@@ -33,6 +33,7 @@ from bench import __version__
 from bench.data.dataset import Case, Dataset
 from bench.constants import DEFAULT_CONVENTION, DEFAULT_LESION_RULE, ProtocolName
 from bench.data.splits import Fold
+from bench.fractions import subsample_training
 from bench.results import CaseResult, LesionRow
 
 
@@ -61,6 +62,9 @@ class RunSpec(BaseModel):
     db_url: str
     #: Fraction of each training fold held out for validation / early stopping of trainable submissions.
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    #: Share of each fold's training cases a trainable submission trains on (site-stratified, nested,
+    #: by seed: bench.fractions.subsample_training); in the run id only when it is not 1.
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
 
 
 def run_id(
@@ -180,12 +184,12 @@ class FoldUnit:
         cache_dir = self.spec.results_dir.resolve() / "cache"
         if not submission.trains:  # predictions do not depend on the fold: one predictor process per run
             return shared_predictor(self.run_id, lambda: submission.predictor(cache_dir=cache_dir, sandbox=self.spec.sandbox)), 0.0, True, None
-        train_ids, val_ids = split_validation(dataset, self.fold.train, self.spec.val_fraction, self.spec.seed)
+        train_ids, val_ids = split_validation(dataset, subsample_training(dataset, self.fold.train, self.spec.train_fraction, self.spec.seed), self.spec.val_fraction, self.spec.seed)
         # Trained in a sandbox holding this fold's training cases only, then exported and scored like an upload.
         trained = train_fold(submission, [dataset.case(i) for i in train_ids], [dataset.case(i) for i in val_ids],
                              self.run_dir / "models" / self.fold.name, schedule=self.spec.schedule, cache_dir=cache_dir,
                              sandbox=self.spec.sandbox, secrets=[self.spec.results_dir.resolve(), dataset.root.resolve()],
-                             label=f"training fold {self.fold.name}")
+                             results_dir=self.spec.results_dir, label=f"training fold {self.fold.name}")
         predictor = load_submission(trained.export_dir).predictor(cache_dir=cache_dir, sandbox=self.spec.sandbox)
         return predictor, trained.train_s, False, trained.budget
 
@@ -282,8 +286,10 @@ def score_case(predictor, case: Case, prediction_path: Path, convention: str, le
     :func:`fold_predictor`): it has already blinded the case and checked the mask and the probability.
     When the model gave a probability map, its ``uint8`` levels are stored in native space beside the mask
     (:func:`bench.results.probability_path_for`, compressed, atomic) and scored
-    (:class:`~bench.results.ProbabilityScores`: Brier, ECE over the brain ``ADC > 0``, the AUROC of voxel
-    entropy for errors, lesion uncertainty); without one those fields stay ``None``. Any failure of the
+    (:class:`~bench.results.ProbabilityScores`: Brier, ECE over the brain, channel 0 ``> 0``, the AUROC of
+    the voxel uncertainty for errors and lesion uncertainty, from the prediction's own uncertainty map
+    when it brought one (``tta-variance``), else from the probability's entropy (``entropy``)); without a
+    probability those fields stay ``None``. Any failure of the
     predictor becomes a failed result with the reason (and the fix); the benchmark goes on.
     The result has no run id yet (:meth:`CaseResult.with_run`).
     """
@@ -297,6 +303,7 @@ def score_case(predictor, case: Case, prediction_path: Path, convention: str, le
     from bench.results import ProbabilityScores, probability_path_for
     from bench.submissions import PredictionError
     from bench.submissions.guard import Prediction
+    from bench.uncertainty import UncertaintySettings
 
     geometry = case.geometry
     start = time.perf_counter()
@@ -325,8 +332,13 @@ def score_case(predictor, case: Case, prediction_path: Path, convention: str, le
     )
     if prediction.probability is not None:
         levels = quantize(prediction.probability)  # uint8 already after the guard; what is stored is what is scored
-        adc = case.load_channel("ADC")[0] if "ADC" in case.channel_names else None  # the brain: ADC > 0
-        scores = ProbabilityScores.of(levels, prediction.mask, reference, adc=adc, lesions=result.lesions)
+        brain = case.load_channel(0)[0]  # channel 0 is the skull-stripped brain channel: the domain is brain > 0
+        # The prediction's own voxel uncertainty (the flip-TTA variance of an exported fold), unless switched
+        # off with HIE_BENCH_UNCERTAINTY_TTA=0; without it the entropy of the probability map is scored.
+        uncertainty = prediction.voxel_uncertainty
+        if uncertainty is not None and uncertainty.source == "tta-variance" and not UncertaintySettings.from_env().tta_variance:
+            uncertainty = None
+        scores = ProbabilityScores.of(levels, prediction.mask, reference, adc=brain, lesions=result.lesions, uncertainty=uncertainty)
         stored = write_image(levels, geometry, probability_path_for(prediction_path))
         result = result.with_probability(str(stored), scores)
     return replace(result, score_s=time.perf_counter() - start)
@@ -442,6 +454,15 @@ def plan_run(spec: RunSpec) -> PlannedRun:
         # The budget is part of what a trained model is: a changed budget table is a different run.
         training = {"schedule": spec.schedule, "val_fraction": spec.val_fraction, "seed": spec.seed,
                     "budget": training_budget(spec.schedule).to_dict()}
+        # --- transfer learning and training fractions (bench.models.transfer, bench.fractions) ---
+        # added only when used, so the ids of existing runs do not change
+        from bench.models.transfer import transfer_identity
+
+        if (transfer := transfer_identity(submission.manifest.recipe, submission.path, schedule=spec.schedule, results_dir=spec.results_dir)) is not None:
+            training["transfer"] = transfer  # the checkpoint's declaration and content hash
+        if spec.train_fraction != 1.0:
+            training["train_fraction"] = spec.train_fraction
+        # --- end ---
     identity = run_id(
         training=training,
         submission_hash=submission.content_hash,

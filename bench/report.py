@@ -10,7 +10,10 @@ Three commands, each a thin layer over a plain function:
                           opens without network);
 ``bench export``       -> :func:`export_results`, a CSV or Parquet file of one table.
 
-A leaderboard compares like with like: one table per dataset version, protocol and metric convention.
+A leaderboard compares like with like: one table per dataset version, protocol and metric convention,
+with one run per submission: its ``latest`` run, or with ``--select best`` the run with the best mean of
+the first metric, as the store's query layer chooses (:mod:`bench.store.queries`); every caption and the
+report say which (:func:`describe_selection`).
 Statistics come from :mod:`bench.stats`, metric names, units and directions from
 :data:`bench.metrics.METRICS`. Beside the ranked metrics every leaderboard carries the probability
 columns (:func:`probability_summary`): Brier score, ECE and the uncertainty-flags-errors AUROCs, with
@@ -31,8 +34,6 @@ import hashlib
 import html
 import math
 import sys
-import tempfile
-import time
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -47,22 +48,19 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_METRICS",
     "ExportFormat",
+    "RunSelection",
     "SUBMISSION_PALETTE",
     "TableFormat",
-    "export_command",
+    "describe_selection",
     "export_results",
-    "fill_synthetic_results",
-    "leaderboard_command",
     "leaderboard_table",
     "leaderboard_text",
     "markdown_table",
     "open_store",
     "render_leaderboard",
-    "report_command",
     "submission_colour",
     "submission_colours",
     "table_console",
-    "time_leaderboard",
     "write_report",
 ]
 
@@ -106,6 +104,14 @@ class TableFormat(str, Enum):
     markdown = "markdown"
 
 
+class RunSelection(str, Enum):
+    """Which run of each submission a leaderboard counts (``--select``; the store decides, see
+    :mod:`bench.store.queries`): the one finished last, or the one with the best mean ranking metric."""
+
+    latest = "latest"
+    best = "best"
+
+
 class ResultsNotFound(RuntimeError):
     """The database does not exist yet or holds no rows matching the filters."""
 
@@ -138,29 +144,44 @@ def leaderboard_table(
     confidence: float = 0.95,
     seed: int = 0,
     probabilities: bool = True,
+    select: RunSelection | str = RunSelection.latest,
 ) -> pd.DataFrame:
     """The leaderboard as a DataFrame: one row per submission and (dataset, protocol, convention).
 
-    Reads only the needed columns of the latest run of every submission in one query, then calls
+    Reads only the needed columns of one run of every submission in one query (``select``: its
+    ``latest`` run, or its ``best`` by the mean of the first metric; the store chooses), then calls
     :func:`bench.stats.leaderboard` per group. Columns: ``dataset``, ``dataset_version``, ``protocol``,
     ``convention``, ``site`` (the ``site`` filter or ``overall``) and those of
     :func:`bench.stats.leaderboard` (``rank``, ``submission``, ``n_cases``, ``n_failed``, per metric
     ``m``, ``m_lo``, ``m_hi``, ``m_median``, ``m_capped``, ``rank_stability``, ``mean_rank``,
     ``rank_then_aggregate``); with ``probabilities`` also those of :func:`probability_summary`. Keys of
     :data:`bench.results.PROBABILITY_METRICS` in ``metrics`` are taken as a request for those columns:
-    they never rank. Empty when nothing matches.
+    they never rank. Empty when nothing matches. ``table.attrs`` says which runs it shows: ``select``,
+    ``rank_metric`` and ``run_ids`` (:func:`describe_selection` words them).
     """
-    import pandas as pd
-
-    from bench import stats
     from bench.results import PROBABILITY_METRICS
 
     metrics = _ranked(metrics)
     if not metrics:
         raise ValueError("the leaderboard needs a ranking metric of bench.metrics.METRICS (probability columns never rank)")
+    select = RunSelection(select).value
     read = [*metrics, *PROBABILITY_METRICS] if probabilities else metrics
-    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=read, details=False)
-    lesions = _uncertain_lesions(store, frame, dataset=dataset, protocol=protocol, convention=convention, site=site) if probabilities else None
+    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=read, details=False,
+                                     select=select, rank_metric=metrics[0])
+    table = _leaderboard_groups(store, frame, metrics, site=site, n_boot=n_boot, confidence=confidence, seed=seed, probabilities=probabilities)
+    table.attrs.update(select=select, rank_metric=metrics[0], run_ids=frame["run_id"].astype(str).unique().tolist())
+    return table
+
+
+def _leaderboard_groups(store: Store, frame: pd.DataFrame, metrics: list[str], *, site: str | None, n_boot: int, confidence: float, seed: int,
+                        probabilities: bool) -> pd.DataFrame:
+    """:func:`bench.stats.leaderboard` of every group of the per-case ``frame``, with the probability
+    and budget columns, concatenated (the body of :func:`leaderboard_table`)."""
+    import pandas as pd
+
+    from bench import stats
+
+    lesions = _uncertain_lesions(store, frame, site=site) if probabilities else None
     tables = []
     for key, group in frame.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         table = stats.leaderboard(group, metrics, n_boot=n_boot, confidence=confidence, seed=seed)
@@ -186,13 +207,28 @@ def _budgets(store: Store, group: pd.DataFrame) -> dict[str, str]:
     return {str(r.submission): (r.budget or {}).get("summary", "–") if isinstance(r.budget, dict) else "–" for r in runs.itertuples()}
 
 
-def _uncertain_lesions(store: Store, frame: pd.DataFrame, **filters: Any) -> pd.DataFrame | None:
+def _uncertain_lesions(store: Store, frame: pd.DataFrame, *, site: str | None) -> pd.DataFrame | None:
     """Predicted lesion rows of the frame's runs, read only when some case has a probability map."""
     from bench.results import PROBABILITY_METRICS
 
     if frame.empty or not frame[list(PROBABILITY_METRICS)].notna().to_numpy().any():
         return None
-    return store.lesion_frame(**filters, kind="pred")
+    return store.lesion_frame(run_ids=_run_ids(frame), latest_only=False, site=site, kind="pred")
+
+
+def _run_ids(frame: pd.DataFrame) -> list[str]:
+    return frame["run_id"].astype(str).unique().tolist()
+
+
+def describe_selection(select: RunSelection | str, rank_metric: str = DEFAULT_METRICS[0]) -> str:
+    """Which runs a leaderboard or report shows, in words: ``latest run of each submission`` or
+    ``best run of each submission (highest mean dice)``."""
+    from bench.metrics import METRICS
+
+    if RunSelection(select) is RunSelection.latest:
+        return "latest run of each submission (finished last)"
+    extreme = "highest" if METRICS[rank_metric].higher_is_better else "lowest"
+    return f"best run of each submission ({extreme} mean {rank_metric}; failed and missing cases at the worst value)"
 
 
 def probability_summary(
@@ -396,14 +432,23 @@ def _cell(row: Any, metric: str, separator: str = " ") -> str:
 
 #: The caption's note on the probability columns (shown when the table has them).
 PROBABILITY_NOTE = (
-    " Brier, ECE and uncertainty_error_auroc: mean over the cases with a lesion probability map, over the brain (ADC > 0),"
-    " probabilities stored as 1/255 levels, ECE over 15 equal-width bins; uncertainty = entropy of the probability map;"
+    " Brier, ECE and uncertainty_error_auroc: mean over the cases with a lesion probability map, over the brain (channel 0 > 0),"
+    " probabilities stored as 1/255 levels, ECE over 15 equal-width bins; uncertainty = the case's uncertainty_source:"
+    " tta-variance (variance over the flip-TTA copies, exported folds with mirroring) or entropy of the probability map"
+    " (everything else; 'single' in older rows), so compare uncertainty columns within one source;"
     f" uncertainty_fp_auroc pools the predicted lesions of all cases; '{NOT_AVAILABLE}': no probability map (never a stand-in value)."
     " These columns do not rank."
 )
 
 
-def _caption(metrics: Sequence[str], confidence: float, *, probabilities: bool = False) -> str:
+def _selection_of(table: pd.DataFrame) -> str | None:
+    """:func:`describe_selection` of a :func:`leaderboard_table` (``None`` for a table made elsewhere)."""
+    if "select" not in table.attrs:
+        return None
+    return describe_selection(table.attrs["select"], table.attrs.get("rank_metric", DEFAULT_METRICS[0]))
+
+
+def _caption(metrics: Sequence[str], confidence: float, *, probabilities: bool = False, selection: str | None = None) -> str:
     from bench.metrics import METRICS
 
     names = "; ".join(f"{m}: {METRICS[m].name}" for m in metrics)
@@ -417,6 +462,7 @@ def _caption(metrics: Sequence[str], confidence: float, *, probabilities: bool =
         f"Mean over cases [{confidence:.0%} bootstrap CI, cases resampled within site]. Failed or missing cases count as the worst value."
         f" Rank: by mean of {metrics[0]}; stability: share of bootstrap resamples keeping that rank; mean rank: rank-then-aggregate.{cap_note} {names}."
         + (PROBABILITY_NOTE if probabilities else "")
+        + (f" Runs: the {selection}." if selection else "")
     )
 
 
@@ -481,10 +527,12 @@ def leaderboard_text(table: pd.DataFrame, metrics: Sequence[str], format: TableF
     if format is not TableFormat.markdown:
         raise ValueError(f"leaderboard_text writes csv or markdown, not {format.value!r}")
     metrics = _ranked(metrics)
+    selection = _selection_of(table)
     blocks = []
     for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         title = _group_title(key, group["site"].iloc[0])
-        caption = _caption(list(metrics), confidence, probabilities=bool(probability_columns(group)))
+        caption = _caption(list(metrics), confidence, probabilities=bool(probability_columns(group)), selection=selection)
+        caption += f" {BUDGET_HEADER}: the training budget the submission's run used ('–': it does not train)."
         blocks.append(f"### {title}\n\n{markdown_table(_board_frame(group, metrics))}\n\n{caption}\n")
     return "\n".join(blocks)
 
@@ -497,10 +545,11 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
     console = console or table_console()
     metrics = _ranked(metrics)
     extra = probability_columns(table)
+    selection = _selection_of(table)
     for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         rich_table = Table(
             title=escape(_group_title(key, group["site"].iloc[0])),
-            caption=escape(_caption(metrics, confidence, probabilities=bool(extra))),
+            caption=escape(_caption(metrics, confidence, probabilities=bool(extra), selection=selection)),
             caption_justify="left",
         )
         rich_table.add_column("Rank", justify="right", min_width=4)
@@ -513,7 +562,7 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
             rich_table.add_column(escape(metric_header(column)), justify="right", min_width=9)
         rich_table.add_column("stability", justify="right", min_width=5)
         rich_table.add_column("mean rank", justify="right", min_width=5)
-        rich_table.add_column("training budget used", min_width=10)
+        rich_table.add_column(BUDGET_HEADER, min_width=10)
         for _, row in group.iterrows():
             rich_table.add_row(
                 "–" if math.isnan(row["rank"]) else str(int(row["rank"])),
@@ -534,16 +583,18 @@ def lesion_size_table(store: Store, table: pd.DataFrame) -> pd.DataFrame:
     """Per leaderboard group: lesion recall and false-positive lesions by reference-lesion size bin.
 
     Bins from :data:`bench.lesionwise.LESION_SIZE_BINS_ML` (stated in ml and in voxels); each lesion row
-    says which matching rule decided it (the run's ``lesion_rule``).
+    says which matching rule decided it (the run's ``lesion_rule``). The lesions are those of the runs
+    the leaderboard shows (``table.attrs["run_ids"]``; the latest runs for a table without them).
     """
     import pandas as pd
 
     from bench.lesionwise import lesion_detection_by_size
 
+    chosen = {"run_ids": table.attrs["run_ids"], "latest_only": False} if "run_ids" in table.attrs else {}
     parts = []
     for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         dataset, version, protocol, convention, _ = key
-        lesions = store.lesion_frame(dataset=version, protocol=protocol, convention=convention)
+        lesions = store.lesion_frame(dataset=version, protocol=protocol, convention=convention, **chosen)
         lesions = lesions[lesions["submission"].astype(str).isin(set(group["submission"].astype(str)))]
         if lesions.empty:
             continue
@@ -589,126 +640,6 @@ def _voxel_range(row: Any) -> str:
     return f"{low:.3g}+ voxels" if not math.isfinite(high) else f"{low:.3g}-{high:.3g} voxels"
 
 
-def fill_synthetic_results(
-    store: Store,
-    *,
-    n_submissions: int = 3,
-    n_cases: int = 20,
-    n_sites: int = 3,
-    protocols: Sequence[str] = ("loso",),
-    failed_fraction: float = 0.0,
-    with_lesions: bool = False,
-    dataset: str = "synthetic",
-    seed: int = 0,
-) -> list[str]:
-    """Fill a store with plausible random results (for timings, demos and tests); returns the run ids.
-
-    Registers a dataset of ``n_cases`` cases over ``n_sites`` sites and ``n_submissions`` submissions of
-    increasing skill, each run under every protocol (k-fold scores a little higher than leave-one-site-out,
-    as on real data). About ``failed_fraction`` of the cases fail; 2 % of the distances are infinite.
-    """
-    import numpy as np
-
-    from bench.metrics import METRICS
-
-    rng = np.random.default_rng(seed)
-    version = f"{dataset}-v1"
-    store.create_all()
-    store.upsert_dataset(_SyntheticDataset(dataset, version, n_cases, n_sites))
-    run_ids = []
-    for s in range(n_submissions):
-        content_hash = f"{dataset}-sub{s:04d}"
-        store.upsert_submission(content_hash=content_hash, name=f"model-{s:03d}", version="1", kind="synthetic")
-        for protocol in protocols:
-            run_id = f"{dataset}-{protocol}-{s:04d}"
-            store.start_run(run_id=run_id, submission=content_hash, dataset=version, protocol=protocol)
-            skill = 0.3 + 0.5 * (s + 1) / (n_submissions + 1) + (0.05 if protocol == "kfold" else 0.0)
-            rows, lesions = [], []
-            for c in range(n_cases):
-                site = f"site{c % n_sites}"
-                row = {"run_id": run_id, "case_id": f"case{c:05d}", "site": site, "fold": site if protocol == "loso" else f"fold{c % 5}"}
-                if rng.random() < failed_fraction:
-                    rows.append(row | {"status": "failed", "error": "synthetic failure"})
-                    lesions.append([])
-                    continue
-                rows.append(row | {"status": "ok", "empty": "none", **{key: _synthetic_value(METRICS[key], skill, rng) for key in METRICS}})
-                case_lesions = []
-                if with_lesions:
-                    for lesion_id in range(1, int(rng.integers(1, 4)) + 1):
-                        volume = float(rng.lognormal(-1.5, 1.2))
-                        case_lesions.append({"kind": "ref", "lesion_id": lesion_id, "detected": bool(rng.random() < skill + 0.2 * min(volume, 1.0)), "volume_ml": volume})
-                    if rng.random() < 1.0 - skill:
-                        case_lesions.append({"kind": "pred", "lesion_id": 1, "false_positive": True, "volume_ml": float(rng.lognormal(-3.0, 1.0))})
-                lesions.append(case_lesions)
-            store.record_case_results(rows, lesions)
-            store.finish_run(run_id)
-            run_ids.append(run_id)
-    return run_ids
-
-
-def time_leaderboard(
-    n_rows: int = 100_000,
-    *,
-    n_submissions: int = 50,
-    n_sites: int = 4,
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    n_boot: int = 1000,
-    repeats: int = 3,
-    db_url: str | None = None,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Time :func:`leaderboard_table` on a synthetic database of ``n_rows`` per-case rows.
-
-    Fills a fresh SQLite file in a temporary folder (or ``db_url``, which must be empty) with
-    ``n_submissions`` runs of ``n_rows / n_submissions`` cases each (:func:`fill_synthetic_results`),
-    then times a leaderboard the way a page view computes it, best of ``repeats``. Returns ``rows``,
-    ``fill_s``, ``query_s`` (reading the rows), ``stats_s`` (bootstrap CIs and ranks), ``total_s``
-    (:func:`leaderboard_table`, both together; wall clock) and ``total_cpu_s`` (its CPU time, which
-    other processes on a busy machine inflate less).
-    """
-    from bench import stats
-    from bench.store import Store
-
-    with tempfile.TemporaryDirectory(prefix="hie-bench-timing-") as folder:
-        store = Store(db_url or f"sqlite:///{folder}/bench.db")
-        started = time.perf_counter()
-        fill_synthetic_results(store, n_submissions=n_submissions, n_cases=max(1, n_rows // n_submissions), n_sites=n_sites, seed=seed, dataset="timing")
-        fill_s = time.perf_counter() - started
-        timings: dict[str, list[float]] = {"query_s": [], "stats_s": [], "total_s": [], "total_cpu_s": []}
-        for _ in range(repeats):
-            started = time.perf_counter()
-            frame = store.case_results_frame(protocol="loso", metrics=list(metrics), details=False)
-            timings["query_s"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            stats.leaderboard(frame, list(metrics), n_boot=n_boot, seed=seed)
-            timings["stats_s"].append(time.perf_counter() - started)
-            started, started_cpu = time.perf_counter(), time.process_time()
-            leaderboard_table(store, metrics=metrics, protocol="loso", n_boot=n_boot, seed=seed)
-            timings["total_s"].append(time.perf_counter() - started)
-            timings["total_cpu_s"].append(time.process_time() - started_cpu)
-        store.dispose()
-    return {"rows": float(len(frame)), "fill_s": fill_s, **{key: min(values) for key, values in timings.items()}}
-
-
-class _SyntheticDataset:
-    """Just enough of :class:`bench.data.dataset.Dataset` for :meth:`Store.upsert_dataset`."""
-
-    def __init__(self, name: str, version: str, n_cases: int, n_sites: int) -> None:
-        from types import SimpleNamespace
-
-        self.name, self.version, self.root, self.channel_names = name, version, "", ("ADC", "Z-ADC")
-        self.cases = [SimpleNamespace(case_id=f"case{c:05d}", site=f"site{c % n_sites}", metadata={}) for c in range(n_cases)]
-
-
-def _synthetic_value(info: Any, skill: float, rng: Any) -> float:
-    """A plausible random value of a metric for a submission of some skill (0..1)."""
-    if info.range == (0.0, 1.0):
-        return float(min(1.0, max(0.0, rng.normal(skill, 0.15))))
-    if info.inf_cap is not None and rng.random() < 0.02:
-        return math.inf  # an empty prediction: infinite distance, capped when aggregated
-    return float(abs(rng.normal(10.0 * (1.0 - skill), 3.0)))
-
-
 # -- the HTML report -------------------------------------------------------------------------------------------------------
 
 _STYLE = """
@@ -733,23 +664,43 @@ def _html_table(frame: pd.DataFrame, *, name_columns: Sequence[str] = ()) -> str
     return f'<table class="board"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+#: Header of the training-budget column (rich table, Markdown, HTML report).
+BUDGET_HEADER = "training budget used"
+#: What each probability column is computed over: its convention (they do not depend on the metric one).
+PROBABILITY_CONVENTIONS: dict[str, str] = {
+    "brier": "brain, 1/255 levels",
+    "ece": "brain, 15 bins",
+    "uncertainty_error_auroc": "brain, per case",
+    "uncertainty_fp_auroc": "lesions pooled",
+}
+
+
+def number_header(column: str, convention: str) -> str:
+    """A number column's header with its convention beside it: ``hd95 [mm] ↓ · bench`` for a ranked metric,
+    ``ece ↓ · brain ADC>0, 15 bins`` for a probability column."""
+    return f"{metric_header(column)} · {PROBABILITY_CONVENTIONS.get(column, convention)}"
+
+
 def _board_frame(group: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """One leaderboard group as the text cells people read (HTML report, Markdown): mean [CI] per metric,
-    then the probability columns (:func:`probability_cell`)."""
+    """One leaderboard group as the text cells people read (HTML report, Markdown): mean [CI] per metric
+    (its convention in the header), the probability columns (:func:`probability_cell`), rank stability and
+    the training budget used."""
     import pandas as pd
 
     metrics = _ranked(metrics)
-
+    convention = str(group["convention"].iloc[0]) if "convention" in group and len(group) else ""
+    budget = group["budget"] if "budget" in group else ["–"] * len(group)
     return pd.DataFrame(
         {
             "Rank": ["–" if math.isnan(r) else str(int(r)) for r in group["rank"]],
             "Submission": group["submission"].astype(str),
             "n": group["n_cases"].astype(int).astype(str),
             "failed": group["n_failed"].astype(int).astype(str),
-            **{metric_header(m): [_cell(row, m) for _, row in group.iterrows()] for m in metrics},
-            **{metric_header(m): [probability_cell(row, m) for _, row in group.iterrows()] for m in probability_columns(group)},
+            **{number_header(m, convention): [_cell(row, m) for _, row in group.iterrows()] for m in metrics},
+            **{number_header(m, convention): [probability_cell(row, m) for _, row in group.iterrows()] for m in probability_columns(group)},
             "stability": ["–" if math.isnan(v) else f"{v:.0%}" for v in group["rank_stability"]],
             "mean rank": [_fmt(v) for v in group["mean_rank"]],
+            BUDGET_HEADER: [str(b) if isinstance(b, str) and b else "–" for b in budget],
         }
     )
 
@@ -795,6 +746,7 @@ def write_report(
     failure_metric: str = "dice",
     failure_threshold: float = 0.1,
     worst_n: int = 5,
+    select: RunSelection | str = RunSelection.latest,
 ) -> Path:
     """Write a self-contained HTML report (plotly.js inlined) and return its path.
 
@@ -802,109 +754,178 @@ def write_report(
     rank stability (challengeR blob plot), Holm-corrected pairwise Wilcoxon p-values, the worst cases
     of every submission, cases that every submission fails (``failure_metric`` worse than
     ``failure_threshold``) and detection of reference lesions by size. When a dataset has both
-    ``kfold`` and ``loso`` runs, the site generalization gap follows. The file is written atomically.
+    ``kfold`` and ``loso`` runs, the site generalization gap follows. ``select`` picks the run of each
+    submission (its ``latest``, or its ``best`` by the mean of the first metric), and the page says
+    which. The file is written atomically.
     """
-    import plotly.graph_objects as go
-
-    from bench import stats
     from bench.imageio import write_text_atomic
     from bench.metrics import METRICS
 
     require_results(store)
     metrics = _ranked(metrics)
+    primary, select = metrics[0], RunSelection(select).value
+    chosen = {"select": select, "rank_metric": primary}
     wanted = list(dict.fromkeys([*metrics, failure_metric]))
-    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=wanted, histograms=True)
+    frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=wanted, histograms=True, **chosen)
     if frame.empty:
         raise ResultsNotFound("no case results match the filters")
-    lesion_rows = store.lesion_frame(dataset=dataset, protocol=protocol, convention=convention, site=site)
-    board = leaderboard_table(store, metrics=metrics, dataset=dataset, protocol=protocol, convention=convention, site=site, n_boot=n_boot, confidence=confidence, seed=seed)
-    primary = metrics[0]
-    rankable = METRICS[primary].higher_is_better is not None
-    figures: list[str] = []
+    lesion_rows = store.lesion_frame(run_ids=_run_ids(frame), latest_only=False, site=site)
+    board = leaderboard_table(store, metrics=metrics, dataset=dataset, protocol=protocol, convention=convention, site=site, n_boot=n_boot,
+                              confidence=confidence, seed=seed, select=select)
+    report = _Report(metrics, n_boot, confidence, seed, failure_metric, failure_threshold, worst_n, describe_selection(select, primary))
+    sections = [report.scope_section(key, group, board, lesion_rows) for key, group in frame.groupby(list(GROUP_COLUMNS), sort=True, observed=True)]
+    if METRICS[primary].higher_is_better is not None and set(CROSS_VALIDATION_PROTOCOLS) <= set(frame["protocol"]):
+        sections += report.gap_sections(store.case_results_frame(dataset=dataset, convention=convention, site=site, metrics=[primary], **chosen))
+    return write_text_atomic(out, _report_page(store, frame, site, select, report.selection, "\n".join(sections)))
 
-    def figure(fig: go.Figure) -> str:
+
+def _report_page(store: Store, frame: pd.DataFrame, site: str | None, select: str, selection: str, body: str) -> str:
+    """The whole HTML page of the report around its sections."""
+    from datetime import datetime, timezone
+
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>HIE-Bench report</title><style>{_STYLE}</style></head>
+<body><h1>HIE-Bench report</h1>
+<p class="note">Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from {html.escape(store.url.render_as_string(hide_password=True))};
+{frame['submission'].nunique()} submissions, {frame['case_id'].nunique()} cases{html.escape(f', site {site}' if site else '')}. Statistics: docs/results.md.</p>
+<p class="note">Runs (<code>--select {html.escape(select)}</code>): the {html.escape(selection)}.</p>
+{body}
+</body></html>
+"""
+
+
+class _Report:
+    """The sections of :func:`write_report`: its settings, and its figures (plotly.js inlined once, in the first)."""
+
+    def __init__(self, metrics: list[str], n_boot: int, confidence: float, seed: int, failure_metric: str, failure_threshold: float, worst_n: int,
+                 selection: str) -> None:
+        from bench.metrics import METRICS
+
+        self.metrics, self.primary = metrics, metrics[0]
+        self.n_boot, self.confidence, self.seed = n_boot, confidence, seed
+        self.failure_metric, self.failure_threshold, self.worst_n = failure_metric, failure_threshold, worst_n
+        self.selection = selection
+        self.rankable = METRICS[self.primary].higher_is_better is not None
+        self.figures: list[str] = []
+
+    def figure(self, fig: Any) -> str:
         fig.update_layout(margin=dict(l=60, r=20, t=50, b=50))
-        figures.append(fig.to_html(full_html=False, include_plotlyjs=not figures, config={"displaylogo": False}))
-        return figures[-1]
+        self.figures.append(fig.to_html(full_html=False, include_plotlyjs=not self.figures, config={"displaylogo": False}))
+        return self.figures[-1]
 
-    sections = []
-    for key, group in frame.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
+    def scope_section(self, key: tuple, group: pd.DataFrame, board: pd.DataFrame, lesion_rows: pd.DataFrame) -> str:
+        """Everything the report shows about one (dataset, protocol, convention, lesion rule)."""
         dataset_name, version, protocol_name, convention_name, lesion_rule = key
         parts = [f"<h2>{html.escape(f'{dataset_name} ({version}) · protocol {protocol_name} · convention {convention_name} · lesions matched {lesion_rule}')}</h2>"]
         group_board = board[(board[list(GROUP_COLUMNS)] == list(key)).all(axis=1)]
-        caption = _caption(metrics, confidence, probabilities=bool(probability_columns(group_board)))
-        parts += ["<h3>Leaderboard</h3>", _board_html(group_board, metrics), f'<p class="note">{html.escape(caption)}</p>']
+        caption = _caption(self.metrics, self.confidence, probabilities=bool(probability_columns(group_board)), selection=self.selection)
+        parts += ["<h3>Leaderboard</h3>", _board_html(group_board, self.metrics), f'<p class="note">{html.escape(caption)}</p>']
         order = group_board["submission"].tolist()
         colours = submission_colours(order)
-        parts += _reliability_section(group, order, colours, figure)
+        parts += _reliability_section(group, order, colours, self.figure)
+        parts += self.site_boxes(group, order, colours)
+        if self.rankable and len(order) > 1:
+            parts += self.rank_stability(group, order) + self.wilcoxon(group, order)
+        parts += self.failure_cases(group)
+        parts += self.lesion_sizes(lesion_rows[lesion_rows["run_id"].isin(group["run_id"].unique())], colours)
+        return "\n".join(parts)
 
-        parts.append("<h3>Scores per site</h3>")
-        parts.append('<p class="note">Failed or missing cases are drawn at the worst value, infinite distances at the cap.</p>')
-        for metric in metrics:
+    def site_boxes(self, group: pd.DataFrame, order: list[str], colours: dict[str, str]) -> list[str]:
+        import plotly.graph_objects as go
+
+        from bench import stats
+        from bench.metrics import METRICS
+
+        parts = ["<h3>Scores per site</h3>", '<p class="note">Failed or missing cases are drawn at the worst value, infinite distances at the cap.</p>']
+        for metric in self.metrics:
             matrix = stats.score_matrix(group, metric)
             fig = go.Figure()
             for submission in order:
                 j = int(list(matrix.submissions).index(submission))
                 fig.add_trace(go.Box(x=matrix.sites, y=matrix.values[:, j], name=submission, boxpoints="outliers", marker_color=colours[submission]))
-            fig.update_layout(title=metric_header(metric), boxmode="group", yaxis_title=f"{metric} [{METRICS[metric].unit}]" if METRICS[metric].unit else metric, height=420)
-            parts.append(figure(fig))
+            unit = METRICS[metric].unit
+            fig.update_layout(title=metric_header(metric), boxmode="group", yaxis_title=f"{metric} [{unit}]" if unit else metric, height=420)
+            parts.append(self.figure(fig))
+        return parts
 
-        if rankable and len(order) > 1:
-            parts.append("<h3>Rank stability</h3>")
-            stability = stats.rank_stability(group, primary, n_boot=n_boot, confidence=confidence, seed=seed)
-            dist = stability.distribution[stability.distribution["fraction"] > 0]
-            fig = go.Figure(
-                go.Scatter(
-                    x=dist["submission"], y=dist["rank"], mode="markers",
-                    marker=dict(size=6 + 40 * dist["fraction"].to_numpy() ** 0.5, color=dist["fraction"], colorscale="Blues", showscale=True, colorbar=dict(title="share")),
-                    text=[f"{f:.0%}" for f in dist["fraction"]], hovertemplate="%{x}: rank %{y} in %{text} of resamples<extra></extra>",
-                )
+    def rank_stability(self, group: pd.DataFrame, order: list[str]) -> list[str]:
+        import plotly.graph_objects as go
+
+        from bench import stats
+
+        stability = stats.rank_stability(group, self.primary, n_boot=self.n_boot, confidence=self.confidence, seed=self.seed)
+        dist = stability.distribution[stability.distribution["fraction"] > 0]
+        fig = go.Figure(
+            go.Scatter(
+                x=dist["submission"], y=dist["rank"], mode="markers",
+                marker=dict(size=6 + 40 * dist["fraction"].to_numpy() ** 0.5, color=dist["fraction"], colorscale="Blues", showscale=True, colorbar=dict(title="share")),
+                text=[f"{f:.0%}" for f in dist["fraction"]], hovertemplate="%{x}: rank %{y} in %{text} of resamples<extra></extra>",
             )
-            fig.update_layout(title=f"Bootstrap rank distribution ({primary}, aggregate-then-rank, {n_boot} resamples)", xaxis=dict(categoryorder="array", categoryarray=order), yaxis=dict(title="rank", autorange="reversed", dtick=1), height=380)
-            parts.append(figure(fig))
-            parts.append(_html_table(stability.summary, name_columns=("submission",)))
+        )
+        fig.update_layout(title=f"Bootstrap rank distribution ({self.primary}, aggregate-then-rank, {self.n_boot} resamples)",
+                          xaxis=dict(categoryorder="array", categoryarray=order), yaxis=dict(title="rank", autorange="reversed", dtick=1), height=380)
+        return ["<h3>Rank stability</h3>", self.figure(fig), _html_table(stability.summary, name_columns=("submission",))]
 
-            tests = stats.pairwise_wilcoxon(group, primary)
-            parts.append("<h3>Pairwise Wilcoxon signed-rank tests (Holm-corrected)</h3>")
-            matrix_p = {(a, b): p for a, b, p in zip(tests["submission_a"], tests["submission_b"], tests["p_holm"])}
-            z = [[1.0 if a == b else matrix_p.get((a, b), matrix_p.get((b, a), math.nan)) for b in order] for a in order]
-            fig = go.Figure(go.Heatmap(z=z, x=order, y=order, zmin=0, zmax=1, colorscale="RdBu", colorbar=dict(title="p (Holm)"), hovertemplate="%{y} vs %{x}: p = %{z:.3g}<extra></extra>"))
-            fig.update_layout(title=f"{primary}: Holm-adjusted p-values", yaxis=dict(autorange="reversed"), height=120 + 40 * len(order))
-            parts.append(figure(fig))
-            significant = tests[tests["significant"]]
-            if not significant.empty:
-                parts.append(_html_table(significant[["submission_a", "submission_b", "n", "median_diff", "p_holm", "better"]], name_columns=("submission_a", "submission_b", "better")))
+    def wilcoxon(self, group: pd.DataFrame, order: list[str]) -> list[str]:
+        import plotly.graph_objects as go
 
-        parts.append("<h3>Failure cases</h3>")
-        parts.append(f"<p>Worst {worst_n} cases per submission ({html.escape(primary)}):</p>")
-        parts.append(_html_table(stats.worst_cases(group, primary, n=worst_n), name_columns=("submission",)))
-        if METRICS[failure_metric].higher_is_better is not None:
-            hard = stats.cases_failed_by_all(group, failure_metric, threshold=failure_threshold)
-            parts.append(f"<p>Cases every submission fails ({html.escape(failure_metric)} worse than {failure_threshold:g}, or failed): {len(hard)}</p>")
+        from bench import stats
+
+        tests = stats.pairwise_wilcoxon(group, self.primary)
+        matrix_p = {(a, b): p for a, b, p in zip(tests["submission_a"], tests["submission_b"], tests["p_holm"])}
+        z = [[1.0 if a == b else matrix_p.get((a, b), matrix_p.get((b, a), math.nan)) for b in order] for a in order]
+        fig = go.Figure(go.Heatmap(z=z, x=order, y=order, zmin=0, zmax=1, colorscale="RdBu", colorbar=dict(title="p (Holm)"),
+                                   hovertemplate="%{y} vs %{x}: p = %{z:.3g}<extra></extra>"))
+        fig.update_layout(title=f"{self.primary}: Holm-adjusted p-values", yaxis=dict(autorange="reversed"), height=120 + 40 * len(order))
+        parts = ["<h3>Pairwise Wilcoxon signed-rank tests (Holm-corrected)</h3>", self.figure(fig)]
+        significant = tests[tests["significant"]]
+        if not significant.empty:
+            columns = ["submission_a", "submission_b", "n", "median_diff", "p_holm", "better"]
+            parts.append(_html_table(significant[columns], name_columns=("submission_a", "submission_b", "better")))
+        return parts
+
+    def failure_cases(self, group: pd.DataFrame) -> list[str]:
+        from bench import stats
+        from bench.metrics import METRICS
+
+        parts = ["<h3>Failure cases</h3>", f"<p>Worst {self.worst_n} cases per submission ({html.escape(self.primary)}):</p>",
+                 _html_table(stats.worst_cases(group, self.primary, n=self.worst_n), name_columns=("submission",))]
+        if METRICS[self.failure_metric].higher_is_better is not None:
+            hard = stats.cases_failed_by_all(group, self.failure_metric, threshold=self.failure_threshold)
+            parts.append(f"<p>Cases every submission fails ({html.escape(self.failure_metric)} worse than {self.failure_threshold:g}, or failed): {len(hard)}</p>")
             if not hard.empty:
                 parts.append(_html_table(hard, name_columns=("case_id",)))
-        group_lesions = lesion_rows[lesion_rows["run_id"].isin(group["run_id"].unique())]
-        if not group_lesions.empty:
-            # Plain labels: the store's categorical labels carry every submission of the query, and the
-            # size table would list those without a run in this section as rows of zeros.
-            by_size = stats.missed_lesions_by_size(group_lesions.assign(submission=group_lesions["submission"].astype(str)))
-            fig = go.Figure(
-                [
-                    go.Bar(x=part["size_bin"], y=part["detection_rate"], name=name, marker_color=colours.get(name), customdata=part[["n_detected", "n_lesions"]],
-                           hovertemplate="%{x}: %{customdata[0]} of %{customdata[1]} detected<extra>" + html.escape(str(name)) + "</extra>")
-                    for name, part in by_size.groupby("submission", sort=False)
-                ]
-            )
-            fig.update_layout(title="Reference lesions detected, by lesion volume", yaxis=dict(title="detection rate", range=[0, 1.05]), barmode="group", height=380)
-            parts.append(figure(fig))
-            parts.append(_html_table(by_size.drop(columns=["low_ml", "high_ml"]), name_columns=("submission",)))
-        sections.append("\n".join(parts))
+        return parts
 
-    gap_sections = []
-    if rankable and set(CROSS_VALIDATION_PROTOCOLS) <= set(frame["protocol"]):
-        both = store.case_results_frame(dataset=dataset, convention=convention, site=site, metrics=[primary])
+    def lesion_sizes(self, group_lesions: pd.DataFrame, colours: dict[str, str]) -> list[str]:
+        import plotly.graph_objects as go
+
+        from bench import stats
+
+        if group_lesions.empty:
+            return []
+        # Plain labels: the store's categorical labels carry every submission of the query, and the
+        # size table would list those without a run in this section as rows of zeros.
+        by_size = stats.missed_lesions_by_size(group_lesions.assign(submission=group_lesions["submission"].astype(str)))
+        fig = go.Figure(
+            [
+                go.Bar(x=part["size_bin"], y=part["detection_rate"], name=name, marker_color=colours.get(name), customdata=part[["n_detected", "n_lesions"]],
+                       hovertemplate="%{x}: %{customdata[0]} of %{customdata[1]} detected<extra>" + html.escape(str(name)) + "</extra>")
+                for name, part in by_size.groupby("submission", sort=False)
+            ]
+        )
+        fig.update_layout(title="Reference lesions detected, by lesion volume", yaxis=dict(title="detection rate", range=[0, 1.05]), barmode="group", height=380)
+        return [self.figure(fig), _html_table(by_size.drop(columns=["low_ml", "high_ml"]), name_columns=("submission",))]
+
+    def gap_sections(self, both: pd.DataFrame) -> list[str]:
+        """The site generalization gap (k-fold minus leave-one-site-out) per dataset and convention."""
+        import plotly.graph_objects as go
+
+        from bench import stats
+
+        sections, primary = [], self.primary
         for (dataset_name, version, convention_name), group in both.groupby(["dataset", "dataset_version", "convention"], sort=True, observed=True):
-            gap = stats.generalization_gap(group, primary, n_boot=n_boot, confidence=confidence, seed=seed)
+            gap = stats.generalization_gap(group, primary, n_boot=self.n_boot, confidence=self.confidence, seed=self.seed)
             if gap.empty:
                 continue
             gap_colours = submission_colours(group["submission"].astype(str).unique())
@@ -915,21 +936,11 @@ def write_report(
                     for name, part in gap.groupby("submission", sort=True)
                 ]
             )
-            fig.update_layout(title=f"{dataset_name} ({version}): {primary} lost on an unseen site (k-fold minus leave-one-site-out; > 0 is worse)", barmode="group", yaxis_title=f"gap in {primary}", height=400)
-            gap_sections.append(f"<h2>Site generalization gap · {html.escape(f'{dataset_name} ({version}) · {convention_name}')}</h2>" + figure(fig) + _html_table(gap, name_columns=("submission",)))
-
-    from datetime import datetime, timezone
-
-    body = "\n".join(sections + gap_sections)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>HIE-Bench report</title><style>{_STYLE}</style></head>
-<body><h1>HIE-Bench report</h1>
-<p class="note">Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from {html.escape(store.url.render_as_string(hide_password=True))};
-{frame['submission'].nunique()} submissions, {frame['case_id'].nunique()} cases{html.escape(f', site {site}' if site else '')}. Statistics: docs/results.md.</p>
-{body}
-</body></html>
-"""
-    return write_text_atomic(out, page)
+            fig.update_layout(title=f"{dataset_name} ({version}): {primary} lost on an unseen site (k-fold minus leave-one-site-out; > 0 is worse)",
+                              barmode="group", yaxis_title=f"gap in {primary}", height=400)
+            title = html.escape(f"{dataset_name} ({version}) · {convention_name}")
+            sections.append(f"<h2>Site generalization gap · {title}</h2>" + self.figure(fig) + _html_table(gap, name_columns=("submission",)))
+        return sections
 
 
 # -- export ---------------------------------------------------------------------------------------------------------------
@@ -982,5 +993,3 @@ def export_results(
             frame.to_parquet(temporary, index=False)
     return out
 
-
-# -- CLI commands (registered by bench.cli) ---------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ store. Lesion rows have one shape for reference lesions and predicted components
 Probability-derived values (issue 14). When the model returned a lesion probability map, the result also
 carries where its ``uint8`` levels are stored (``probability_path``), the per-case values of
 :data:`PROBABILITY_METRICS` (Brier score, ECE, the AUROC of voxel entropy for misclassified voxels),
-the domain they were computed over, the source of the uncertainty (``"single"``: the entropy of the one
-probability map; see :mod:`bench.uncertainty`), the case's :class:`bench.calibration.ProbabilityHistogram`
-as a mapping (so reliability diagrams pool exactly), and the mean entropy of every predicted component
-(:attr:`LesionRow.uncertainty`). Without a probability map every one of them is ``None``: "not
-available", never a stand-in number.
+the domain they were computed over, the source of the uncertainty (``uncertainty_source``, one of
+:data:`bench.uncertainty.UNCERTAINTY_SOURCES`: ``"tta-variance"`` when the prediction carried its flip-TTA
+variance, ``"entropy"`` for the predictive entropy of the probability map otherwise; rows stored before
+sources were named by their map say ``"single"``, the same as ``"entropy"``), the case's
+:class:`bench.calibration.ProbabilityHistogram` as a mapping (so reliability diagrams pool exactly), and
+the mean uncertainty of that source's map over every predicted component (:attr:`LesionRow.uncertainty`).
+Without a probability map every one of them is ``None``: "not available", never a stand-in number.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class LesionRow:
     match_rule: str | None = None
     matched_iou: float | None = None
     matched_ids: tuple[int, ...] = ()
-    #: Predicted components only: mean voxel entropy (bits) of the probability map over the component;
+    #: Predicted components only: mean voxel uncertainty over the component, of the map its case's
+    #: ``uncertainty_source`` names (bits for ``entropy``, p^2 in [0, 0.25] for the variance sources);
     #: ``None`` without a probability map and for reference lesions.
     uncertainty: float | None = None
 
@@ -159,7 +162,8 @@ class ProbabilityScores:
     """What one case's probability map adds to its result (see the module docstring).
 
     Computed from the ``uint8`` levels, exactly what is stored, so recomputing from the file gives the same
-    numbers. ``lesion_uncertainty`` maps a predicted component's ``lesion_id`` to its mean entropy.
+    numbers. ``lesion_uncertainty`` maps a predicted component's ``lesion_id`` to its mean uncertainty
+    (of the ``uncertainty_source`` map).
     """
 
     brier: float | None
@@ -171,28 +175,29 @@ class ProbabilityScores:
     lesion_uncertainty: Mapping[int, float]
 
     @classmethod
-    def of(cls, levels: Any, mask: Any, reference: Any, *, adc: Any = None, lesions: tuple[LesionRow, ...] = ()) -> "ProbabilityScores":
+    def of(cls, levels: Any, mask: Any, reference: Any, *, adc: Any = None, lesions: tuple[LesionRow, ...] = (),
+           uncertainty: Any = None) -> "ProbabilityScores":
         """Scores of one case: ``levels`` (uint8, or float in [0, 1]) and the model's ``mask`` against
-        ``reference``, over the brain (``adc > 0``; the whole volume without an ADC). ``lesions`` are the
-        case's rows; the false-positive flags of its predicted components are taken from them."""
-        import numpy as np
-
-        from bench.calibration import calibration_domain, dequantize, probability_histogram, quantize
-        from bench.uncertainty import binary_entropy, lesion_uncertainty, voxel_error_auroc
+        ``reference``, over the brain (``adc > 0``, ``adc`` being the skull-stripped channel 0; the whole
+        volume without it). ``lesions`` are the case's rows; the false-positive flags of its predicted
+        components are taken from them. ``uncertainty`` is the prediction's own voxel map
+        (:class:`bench.uncertainty.VoxelUncertainty`, e.g. the flip-TTA variance); without one the
+        uncertainty is the predictive entropy of ``levels``. The voxel AUROC and the lesion uncertainty
+        come from that one map, and ``uncertainty_source`` names it (:func:`bench.uncertainty.case_uncertainty`)."""
+        from bench.calibration import calibration_domain, probability_histogram, quantize
+        from bench.uncertainty import case_uncertainty
 
         levels = quantize(levels)
         histogram = probability_histogram(levels, reference, adc=adc)
         domain, _ = calibration_domain(levels.shape, adc=adc)
-        # A single map: its predictive entropy is the uncertainty there is. Per level, then looked up: the
-        # same float32 values as binary_entropy(dequantize(levels)), a tenth of the time on 4 M voxels.
-        entropy = binary_entropy(dequantize(np.arange(256, dtype=np.uint8)))[levels]
         predicted = sorted((row for row in lesions if row.kind == "pred"), key=lambda row: row.lesion_id)
-        components = lesion_uncertainty(mask, entropy, false_positive=[not row.detected for row in predicted])
-        if [c.voxels for c in components] != [row.voxels for row in predicted]:
+        scored = case_uncertainty(levels, mask, reference, domain, false_positive=[not row.detected for row in predicted],
+                                  uncertainty=uncertainty)
+        if [c.voxels for c in scored.lesions] != [row.voxels for row in predicted]:
             raise RuntimeError("predicted components are numbered differently from the lesion rows")
-        return cls(brier=histogram.brier, ece=histogram.ece, uncertainty_error_auroc=voxel_error_auroc(entropy, mask, reference, domain),
-                   calibration_domain=histogram.domain, uncertainty_source="single", histogram=histogram.to_dict(),
-                   lesion_uncertainty={row.lesion_id: c.mean_uncertainty for row, c in zip(predicted, components)})
+        return cls(brier=histogram.brier, ece=histogram.ece, uncertainty_error_auroc=scored.error_auroc,
+                   calibration_domain=histogram.domain, uncertainty_source=scored.source, histogram=histogram.to_dict(),
+                   lesion_uncertainty={row.lesion_id: c.mean_uncertainty for row, c in zip(predicted, scored.lesions)})
 
 
 def _float(value: Any) -> float:

@@ -30,12 +30,24 @@ Contract
   lesion AUROC pools the lesion rows of all cases and calls :func:`auroc`.
 * ``None`` means "not available" (no uncertainty map, no error, or no correct voxel / lesion): never
   a made-up 0.5.
+* **Which map a case's uncertainty is** (the ``uncertainty_source`` stored with its result):
+  :data:`UNCERTAINTY_SOURCES` names each source by the map it is, not by how many maps there were —
+  ``"entropy"`` (predictive entropy of the one stored probability map, which may itself be a flip-TTA
+  mean), ``"tta-variance"`` (variance of the lesion probability over the flip-TTA copies the prediction
+  already ran, from :class:`bench.inference.MirroredSoftmax` with ``with_variance=True``: no extra pass)
+  and ``"mc-dropout"`` (variance over MC-dropout samples: ``n_samples`` more passes, opt-in through
+  :class:`UncertaintySettings`, and only for a network that has dropout); ``"model-variance"`` is a
+  variance map a submission returned itself (``{"mask", "probability", "uncertainty"}``) without naming
+  how it was made. ``"single"`` is the legacy name of ``"entropy"`` (read in old rows, never written:
+  :func:`recorded_source`). :class:`VoxelUncertainty` carries a map with its source, in native space like the
+  probability; :func:`case_uncertainty` scores a case with it (or with the entropy when there is none).
 
 Torch is imported inside the functions that run a network.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -52,6 +64,13 @@ if TYPE_CHECKING:
 __all__ = [
     "MAP_RANGES",
     "UNCERTAINTY_METRICS",
+    "UNCERTAINTY_SOURCES",
+    "CaseUncertainty",
+    "UncertaintySettings",
+    "VoxelUncertainty",
+    "case_uncertainty",
+    "recorded_source",
+    "source_kind",
     "ErrorHistogram",
     "LesionUncertainty",
     "UncertaintyMaps",
@@ -76,25 +95,99 @@ Source = Literal["single", "flip_tta", "mc_dropout"]
 #: Largest value of each uncertainty map (for display scales and :func:`quantize_uncertainty`).
 MAP_RANGES: Mapping[str, float] = MappingProxyType({"entropy": 1.0, "variance": 0.25, "mutual_information": 1.0})
 
+#: The recorded ``uncertainty_source`` strings: source -> (map kind of :data:`MAP_RANGES`, what it is).
+#: At most 16 characters (the store's column).
+UNCERTAINTY_SOURCES: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "entropy": ("entropy", "predictive entropy H(p) in bits of the case's stored lesion probability map"),
+        "tta-variance": ("variance", "population variance of the lesion probability over the flip-TTA copies already run for the prediction"),
+        "mc-dropout": ("variance", "population variance of the lesion probability over MC-dropout samples (opt-in, extra passes)"),
+        "model-variance": ("variance", "a variance of the lesion probability that the submission computed itself (its own TTA, ensemble or samples)"),
+        "single": ("entropy", "legacy name of 'entropy': predictive entropy of the one stored probability map"),
+    }
+)
+
+
+#: Legacy source names and what a new row records instead.
+LEGACY_SOURCES: Mapping[str, str] = MappingProxyType({"single": "entropy"})
+
+
+def recorded_source(source: str) -> str:
+    """The name a new row records for ``source`` (``single`` becomes ``entropy``); unknown names raise ``ValueError``."""
+    source_kind(source)
+    return LEGACY_SOURCES.get(source, source)
+
+
+def source_kind(source: str) -> str:
+    """The map kind (``entropy`` or ``variance``, a key of :data:`MAP_RANGES`) of a recorded source."""
+    try:
+        return UNCERTAINTY_SOURCES[source][0]
+    except KeyError:
+        raise ValueError(f"unknown uncertainty source {source!r}; known: {', '.join(UNCERTAINTY_SOURCES)}") from None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class UncertaintySettings:
+    """Which voxel uncertainty a network prediction records.
+
+    ``tta_variance``: when the model runs flip TTA, record the variance over the flipped copies (free:
+    the passes are run anyway for the mean). ``mc_dropout``: run ``mc_samples`` more inferences with
+    the dropout layers on and record their variance instead; off by default (it multiplies inference
+    time), ignored for a network without dropout or a traced export (dropout frozen in the trace).
+    :meth:`from_env` reads ``HIE_BENCH_UNCERTAINTY_TTA``, ``HIE_BENCH_MC_DROPOUT`` and ``HIE_BENCH_MC_SAMPLES``.
+    """
+
+    tta_variance: bool = True
+    mc_dropout: bool = False
+    mc_samples: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mc_samples < 2:
+            raise ValueError(f"MC dropout needs at least 2 samples, got {self.mc_samples}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "UncertaintySettings":
+        env = os.environ if environ is None else environ
+        return cls(
+            tta_variance=env.get("HIE_BENCH_UNCERTAINTY_TTA", "1").strip().lower() in _TRUE,
+            mc_dropout=env.get("HIE_BENCH_MC_DROPOUT", "0").strip().lower() in _TRUE,
+            mc_samples=int(env.get("HIE_BENCH_MC_SAMPLES", "8")),
+        )
+
+    def source(self, *, mirrored: bool, has_dropout: bool = False) -> str:
+        """The source a prediction gets: ``mc-dropout`` when asked for and the network has dropout, else
+        ``tta-variance`` when flip TTA ran (and is wanted), else ``entropy``."""
+        if self.mc_dropout and has_dropout:
+            return "mc-dropout"
+        if self.tta_variance and mirrored:
+            return "tta-variance"
+        return "entropy"
+
+
 UNCERTAINTY_METRICS: Mapping[str, MetricDefinition] = MappingProxyType(
     {
         "uncertainty_error_auroc": MetricDefinition(
             MetricInfo("uncertainty_error_auroc", "Uncertainty flags voxel errors (AUROC)", "", True, (0.0, 1.0),
-                       "AUROC of voxel predictive entropy for misclassified (FP or FN) versus correct voxels."),
+                       "AUROC of the case's voxel uncertainty (its uncertainty_source: predictive entropy, flip-TTA or MC-dropout variance) "
+                       "for misclassified (FP or FN) versus correct voxels."),
             computed_over="brain-mask voxels of one case (fallback ADC > 0, then the whole volume)",
             pooling="per-case values averaged; the pooled figure sums ErrorHistogram counts over cases",
             requires="a voxel uncertainty map (probability map or TTA / MC-dropout stack) and a reference",
         ),
         "uncertainty_fp_auroc": MetricDefinition(
             MetricInfo("uncertainty_fp_auroc", "Uncertainty flags false-positive lesions (AUROC)", "", True, (0.0, 1.0),
-                       "AUROC of mean lesion entropy for false-positive versus true predicted components."),
+                       "AUROC of mean lesion uncertainty (the case's uncertainty_source) for false-positive versus true predicted components."),
             computed_over="predicted 26-connected components of one case, or of all cases pooled",
             pooling="lesion rows of all cases pooled into one AUROC (a case rarely has both kinds)",
             requires="a voxel uncertainty map, a reference, and at least one true and one false-positive component",
         ),
         "lesion_uncertainty": MetricDefinition(
             MetricInfo("lesion_uncertainty", "Lesion uncertainty", "bits", None, (0.0, 1.0),
-                       "Mean predictive entropy over the voxels of one predicted component."),
+                       "Mean voxel uncertainty over one predicted component: bits for the entropy source, p^2 in [0, 0.25] for the variance sources."),
             computed_over="voxels of one predicted 26-connected component",
             pooling="none: one value per lesion row",
             requires="a voxel uncertainty map",
@@ -164,6 +257,69 @@ def dequantize_uncertainty(levels: np.ndarray, kind: str = "entropy") -> np.ndar
     if levels.dtype != np.uint8:
         raise ValueError(f"quantized uncertainty must be uint8, got {levels.dtype}")
     return (levels.astype(np.float32) / np.float32(LEVELS) * np.float32(MAP_RANGES[kind])).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class VoxelUncertainty:
+    """A voxel uncertainty map of one case on its native grid (float32, in the source's
+    :data:`MAP_RANGES`) and its recorded ``source`` (:data:`UNCERTAINTY_SOURCES`)."""
+
+    values: np.ndarray
+    source: str
+
+    def __post_init__(self) -> None:
+        kind = source_kind(self.source)
+        values = np.asarray(self.values)
+        if values.ndim != 3 or not np.all(np.isfinite(values)) or values.min(initial=0.0) < -1e-6 or values.max(initial=0.0) > MAP_RANGES[kind] + 1e-6:
+            raise ValueError(f"a {self.source} map must be a finite (z, y, x) array in [0, {MAP_RANGES[kind]}]")
+
+    @property
+    def kind(self) -> str:
+        return source_kind(self.source)
+
+    def levels(self) -> np.ndarray:
+        """``uint8`` levels for storage (:func:`quantize_uncertainty`); what is stored is what is scored."""
+        return quantize_uncertainty(self.values, self.kind)
+
+    @classmethod
+    def from_levels(cls, levels: np.ndarray, source: str) -> "VoxelUncertainty":
+        return cls(dequantize_uncertainty(levels, source_kind(source)), source)
+
+
+@dataclass(frozen=True)
+class CaseUncertainty:
+    """What a case's voxel uncertainty gives its result: the voxel error AUROC over the domain, the mean
+    uncertainty of each predicted component (raster order) and the recorded source."""
+
+    error_auroc: float | None
+    lesions: tuple[LesionUncertainty, ...]
+    source: str
+
+
+def case_uncertainty(
+    levels: np.ndarray,
+    mask: np.ndarray,
+    reference: np.ndarray | None,
+    domain: np.ndarray,
+    *,
+    false_positive: Sequence[bool] | None = None,
+    uncertainty: VoxelUncertainty | None = None,
+) -> CaseUncertainty:
+    """Score one case's uncertainty: ``uncertainty`` when the prediction brought one (flip-TTA or
+    MC-dropout variance; scored from its ``uint8`` levels, as stored), else the predictive entropy of the
+    probability ``levels`` (source ``entropy``). Same grid for all: the native one."""
+    from bench.calibration import dequantize
+
+    levels = np.asarray(levels)
+    if uncertainty is None:
+        # Per level, then looked up: the same float32 values as binary_entropy(dequantize(levels)).
+        values, source = binary_entropy(dequantize(np.arange(256, dtype=np.uint8)))[levels], "entropy"
+    else:
+        if tuple(np.shape(uncertainty.values)) != tuple(levels.shape):
+            raise ValueError(f"uncertainty map of shape {np.shape(uncertainty.values)} is not on the probability's grid {levels.shape}")
+        values, source = dequantize_uncertainty(uncertainty.levels(), uncertainty.kind), recorded_source(uncertainty.source)
+    lesions = lesion_uncertainty(mask, values, false_positive=false_positive)
+    return CaseUncertainty(voxel_error_auroc(values, mask, reference, domain), lesions, source)
 
 
 # ---------------------------------------------------------------------------
@@ -412,12 +568,12 @@ def flip_tta_probabilities(
 ) -> np.ndarray:
     """One lesion probability map per mirrored copy (identity first), ``(1 + 2^n - 1, z, y, x)``.
 
-    The members are those :class:`bench.models.inference.MirroredSoftmax` averages, kept apart; their
+    The members are those :class:`bench.inference.MirroredSoftmax` averages, kept apart; their
     mean is its output (up to sliding-window blending, which here runs per member).
     """
     import torch
 
-    from bench.models.inference import mirror_combinations
+    from bench.inference import mirror_combinations
 
     inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(next(net.parameters()).device)
     was_training = net.training

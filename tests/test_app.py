@@ -1,7 +1,7 @@
 """The web app: its data layer on a real (small) results database, the viewer, uploads, and every page
 rendered with Streamlit's AppTest.
 
-The database comes from :func:`bench.app.sample.sample_results`: a tiny synthetic dataset benchmarked
+The database comes from :func:`bench.perf.fill.sample_results`: a tiny synthetic dataset benchmarked
 by the harness with the zadc-threshold submission and two ``predictions`` submissions, under k-fold and
 leave-one-site-out. It is built once per test session (about 20 s) and shared with the browser test.
 """
@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from bench.app import queries, uploads, viewer
-from bench.app.sample import SampleResults, sample_results
+from bench.perf.fill import SampleResults, sample_results
 from bench.app.source import database_url, resolve_source
 from bench.settings import BenchSettings
 from bench.store import Store

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from bench.app.browser import CHROMIUM, streamlit_server, tour
-from bench.app.sample import SampleResults, sample_results
+from bench.perf.fill import SampleResults, sample_results
 
 pytestmark = [
     pytest.mark.slow,

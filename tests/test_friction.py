@@ -2,9 +2,9 @@
 these"), one test per item, each failing on the code before its fix.
 
 Item 3 (prediction paths relative to the starting folder) is tested with the harness. The app tests
-use Streamlit's AppTest on small synthetic results databases (:func:`bench.report.fill_synthetic_results`:
+use Streamlit's AppTest on small synthetic results databases (:func:`bench.perf.fill.fill_synthetic_results`:
 no images, so the pages' tables and figures are exercised without the slice viewer) or on the shared
-sample of :mod:`bench.app.sample` where real masks are needed.
+sample of :mod:`bench.perf.fill` where real masks are needed.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.app import uploads
-from bench.app.sample import SampleResults, sample_results
+from bench.perf.fill import SampleResults, sample_results
 from bench.cli import app as bench_app
-from bench.report import fill_synthetic_results, metric_header, submission_colours, write_report
+from bench.perf.fill import fill_synthetic_results
+from bench.report import metric_header, submission_colours, write_report
 from bench.store import Store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,12 +11,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from bench.cli.report import export_command, leaderboard_command, report_command
+from bench.perf.fill import fill_synthetic_results, time_leaderboard
 from bench.report import (
     export_results,
-    fill_synthetic_results,
     leaderboard_table,
     render_leaderboard,
-    time_leaderboard,
     write_report,
 )
 from bench.store import Store
@@ -146,8 +145,67 @@ def test_time_leaderboard_runs_on_a_small_database():
     assert timings["rows"] == 600 and all(timings[key] > 0 for key in ("fill_s", "query_s", "stats_s", "total_s"))
 
 
+@pytest.fixture(scope="module")
+def rerun_db(tmp_path_factory) -> str:
+    """Three submissions under LOSO (model-002 best); then model-002 is rerun with much worse results:
+    its latest run is worse than its first."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('rerun') / 'bench.db'}"
+    with Store(url) as store:
+        fill_synthetic_results(store, n_submissions=3, n_cases=12, n_sites=3, protocols=("loso",), with_lesions=True, seed=1)
+        store.start_run(run_id="model-002-rerun", submission="synthetic-sub0002", dataset="synthetic-v1", protocol="loso")
+        worse = {"status": "ok", "dice": 0.05, "hd95": 50.0, "lesion_f1": 0.05}
+        store.record_case_results([{"run_id": "model-002-rerun", "case_id": f"case{c:05d}", "site": f"site{c % 3}", **worse} for c in range(12)])
+        store.finish_run("model-002-rerun")
+    return url
+
+
+def test_select_latest_or_best_run_of_a_rerun_submission(rerun_db):
+    latest = leaderboard_table(Store(rerun_db), metrics=["dice", "hd95"], n_boot=50).set_index("submission")
+    best = leaderboard_table(Store(rerun_db), metrics=["dice", "hd95"], n_boot=50, select="best").set_index("submission")
+    assert latest.loc["model-002 1", "rank"] == 3 and latest.loc["model-002 1", "dice"] == pytest.approx(0.05)
+    assert best.loc["model-002 1", "rank"] == 1 and best.loc["model-002 1", "dice"] > 0.5
+    assert best.loc["model-000 1", "dice"] == pytest.approx(latest.loc["model-000 1", "dice"]), "one run: both choices agree"
+    assert latest.attrs["select"] == "latest" and "model-002-rerun" in latest.attrs["run_ids"]
+    assert best.attrs["select"] == "best" and "model-002-rerun" not in best.attrs["run_ids"]
+    assert "synthetic-loso-0002" in best.attrs["run_ids"]
+
+
+def test_select_option_of_leaderboard_and_report(cli, rerun_db, tmp_path):
+    import io
+
+    def board(*args: str) -> pd.DataFrame:
+        result = invoke(cli, "leaderboard", "--db", rerun_db, "--bootstrap", "50", "--format", "csv", *args)
+        assert result.exit_code == 0, result.output
+        return pd.read_csv(io.StringIO(result.output)).set_index("submission")
+
+    assert board().loc["model-002 1", "rank"] == 3, "latest by default: the worse rerun"
+    assert board("--select", "latest").loc["model-002 1", "rank"] == 3
+    assert board("--select", "best").loc["model-002 1", "rank"] == 1
+    markdown = invoke(cli, "leaderboard", "--db", rerun_db, "--bootstrap", "50", "--format", "markdown", "--select", "best")
+    assert markdown.exit_code == 0 and "Runs: the best run of each submission (highest mean dice" in markdown.output
+    table = invoke(cli, "leaderboard", "--db", rerun_db, "--bootstrap", "50")
+    assert table.exit_code == 0 and "latest run of each submission" in table.output
+    bad = invoke(cli, "leaderboard", "--db", rerun_db, "--select", "oldest")
+    assert bad.exit_code == 2 and "oldest" in bad.output
+    for choice in ("latest", "best"):
+        out = tmp_path / f"{choice}.html"
+        result = invoke(cli, "report", "--db", rerun_db, "--out", str(out), "--bootstrap", "30", "--select", choice)
+        assert result.exit_code == 0, result.output
+        assert f"<code>--select {choice}</code>): the {choice} run of each submission" in out.read_text()
+
+
 def test_leaderboard_prints_lesion_recall_by_size_bin(cli, results_db):
     """Issue 15: the lesion-size table (bins in ml and voxels, recall and false positives) beside the board."""
     result = CliRunner().invoke(cli, ["leaderboard", "--db", results_db, "--protocol", "loso", "--bootstrap", "50"], env={"COLUMNS": "220"})
     assert result.exit_code == 0, result.output
     assert "by reference-lesion volume" in result.output and "voxels" in result.output and "FP" in result.output
+
+
+def test_text_leaderboards_carry_the_budget_and_the_convention_beside_every_number(cli, results_db):
+    markdown = invoke(cli, "leaderboard", "--db", results_db, "--protocol", "loso", "-m", "dice", "-m", "hd95",
+                      "--bootstrap", "50", "--format", "markdown")
+    assert markdown.exit_code == 0, markdown.output
+    header = next(line for line in markdown.output.splitlines() if line.startswith("| Rank"))
+    assert "dice ↑ · bench" in header and "hd95 [mm] ↓ · bench" in header and header.rstrip(" |").endswith("training budget used")
+    csv = invoke(cli, "leaderboard", "--db", results_db, "--protocol", "loso", "--bootstrap", "50", "--format", "csv")
+    assert csv.exit_code == 0 and {"budget", "convention"} <= set(csv.output.splitlines()[0].split(","))

@@ -310,7 +310,7 @@ def test_transfer_learning_initialises_from_a_checkpoint_and_freezes_the_encoder
 
 @pytest.mark.slow
 def test_exported_torchscript_submission_verifies_and_matches_the_run(aniso_run, tmp_path: Path) -> None:
-    from bench.models.inference import MirroredSoftmax
+    from bench.inference import MirroredSoftmax
     from bench.models.monai_model import ModelBundle
     from bench.submissions import load_submission, verify_submission
 
@@ -326,7 +326,11 @@ def test_exported_torchscript_submission_verifies_and_matches_the_run(aniso_run,
     traced = torch.jit.load(str(out / "model.pt"))
     x = torch.randn(1, 2, 8, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(traced(x), reference(x), rtol=1e-4, atol=1e-5)
+        output = traced(x)
+        # the class probabilities, then the TTA variance of the lesion probability (uncertainty_channel: -1)
+        assert manifest.uncertainty_channel == -1 and output.shape[1] == 3
+        torch.testing.assert_close(output[:, :2], reference(x), rtol=1e-4, atol=1e-5)
+        assert float(output[:, 2].min()) >= 0.0
     with pytest.raises(ValueError, match="cannot be exported as nnunet"):
         export_fold(run_dir, tmp_path / "other", "nnunet")
     with pytest.raises(ValueError, match="already exists"):
@@ -371,6 +375,7 @@ def test_perf_models_command_prints_the_table_and_writes_csv(tmp_path: Path, mon
     from typer.testing import CliRunner
 
     import bench.models.perf as perf
+    from bench.cli.perf import models_command
 
     calls = {}
 
@@ -384,7 +389,7 @@ def test_perf_models_command_prints_the_table_and_writes_csv(tmp_path: Path, mon
 
     monkeypatch.setattr(perf, "run_models_benchmark", fake_benchmark)
     app = typer.Typer()
-    app.command()(perf.models_command)
+    app.command()(models_command)
     result = CliRunner().invoke(app, ["submissions/aniso-unet", "--iterations", "3", "--schedule", "cpu", "--output", str(tmp_path / "perf.csv")], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "aniso-unet" in result.output and "12.50" in result.output

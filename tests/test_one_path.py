@@ -54,12 +54,13 @@ def test_trained_fold_and_its_export_give_identical_masks(synthetic_dataset, tmp
 
     torch.set_num_threads(1)
     submission = load_submission(REPO / "submissions" / "unet-monai")
-    recipe = override_schedule(dict(submission.manifest.recipe), "cpu", **TINY)
+    # the export must carry the flip TTA: set on the schedule, whose inference block overrides the recipe's
+    recipe = override_schedule(dict(submission.manifest.recipe), "cpu", **TINY, inference={"mirror_axes": [0, 2]})
     recipe["network"]["params"] = {**recipe["network"].get("params", {}), "channels": [8, 16, 32, 64]}
-    recipe.setdefault("inference", {})["mirror_axes"] = [0, 2]  # the export must carry the flip TTA
     trainable = build_trainable(recipe, submission_dir=submission.path, preprocessing=submission.preprocessing, schedule="cpu", device="cpu")
     cases = list(synthetic_dataset.cases)
     fitted = trainable.fit(cases[:4], cases[4:5], tmp_path / "fold")
+    assert tuple(fitted.bundle.inference.mirror_axes) == (0, 2)
     direct = [fitted.predict(case) for case in cases[6:9]]
     probabilities = [fitted.predict_probabilities(case) for case in cases[6:9]]
     with fold_predictor(fitted, tmp_path / "fold") as exported:

@@ -241,7 +241,7 @@ def test_a_run_stores_calibration_for_the_model_and_null_for_the_baseline(benchm
     for column in ("brier", "ece", "uncertainty_error_auroc", "probability_path", "calibration_domain", "uncertainty_source", "calibration_histogram"):
         assert baseline[column].isna().all(), f"{column}: never a stand-in value without a probability map"
     assert model[["brier", "ece"]].notna().all().all() and ((model["brier"] >= 0) & (model["brier"] <= 1)).all()
-    assert set(model["calibration_domain"]) == {"adc_positive"} and set(model["uncertainty_source"]) == {"single"}
+    assert set(model["calibration_domain"]) == {"adc_positive"} and set(model["uncertainty_source"]) == {"entropy"}  # no flip TTA in TINY_SCHEDULE: the entropy of the map
     row = model.iloc[0]
     levels, _ = read_image(row["probability_path"])
     assert levels.dtype == np.uint8 and str(row["probability_path"]).endswith(f"probabilities/{row['case_id']}.nii.gz")

@@ -250,6 +250,67 @@ def test_latest_run_of_a_submission_wins(store):
     assert sorted(store.case_results_frame(latest_only=False)["run_id"]) == ["new", "old"]
 
 
+def _scored_run(store: Store, run_id: str, dices: list, *, protocol: str = "loso", finish: bool = True, hd95: float | None = None) -> None:
+    """A run of the default submission with one case per value (``None``: a failed case)."""
+    register(store, run_id, protocol=protocol)
+    rows = [case_row(f"c{i:03d}", run_id=run_id, dice=d, hd95=hd95) if d is not None else case_row(f"c{i:03d}", run_id=run_id, status="failed", error="x")
+            for i, d in enumerate(dices)]
+    store.record_case_results(rows, [[{"kind": "ref", "lesion_id": 1, "detected": True, "volume_ml": 1.0}]] * len(rows))
+    if finish:
+        store.finish_run(run_id)
+    time.sleep(0.01)
+
+
+def test_select_latest_and_best_runs_of_one_submission(store):
+    """Two runs of one submission, the older better: latest picks the newer, best (mean Dice) the older."""
+    _scored_run(store, "older-better", [0.8, 0.8, 0.8, 0.8], hd95=9.0)
+    _scored_run(store, "newer-worse", [0.5, 0.5, 0.5, 0.5], hd95=3.0)
+    assert store.case_results_frame()["run_id"].unique().tolist() == ["newer-worse"]
+    assert store.case_results_frame(select="latest")["run_id"].unique().tolist() == ["newer-worse"]
+    assert store.case_results_frame(select="best")["run_id"].unique().tolist() == ["older-better"]
+    assert store.select_runs(select="best")["run_id"].tolist() == ["older-better"]
+    assert store.run_scores(store.select_runs(latest_only=False)) == pytest.approx({"older-better": 0.8, "newer-worse": 0.5})
+    # The other readers follow the same choice.
+    assert store.lesion_frame(select="best")["run_id"].unique().tolist() == ["older-better"]
+    assert store.runs_frame(select="best")["run_id"].tolist() == ["older-better"]
+    assert sorted(store.runs_frame()["run_id"]) == ["newer-worse", "older-better"], "runs_frame lists every run by default"
+    # A site filter keeps the run chosen over all the cases.
+    assert store.case_results_frame(select="best", site="B")["run_id"].unique().tolist() == ["older-better"]
+    # A lower-is-better metric picks the lowest mean.
+    assert store.select_runs(select="best", rank_metric="hd95")["run_id"].tolist() == ["newer-worse"]
+    assert store.select_runs(select="best", rank_metric="lesion_f1")["run_id"].tolist() == ["newer-worse"], "no values: a tie, the latest wins"
+
+
+def test_best_run_counts_failed_and_missing_cases_as_the_worst_value(store):
+    _scored_run(store, "complete", [0.5, 0.5, 0.5, 0.5])
+    _scored_run(store, "half", [0.9, None])  # mean (0.9 + 0 + 0 + 0) / 4 over the scope's cases
+    _scored_run(store, "other-protocol", [0.1], protocol="kfold")
+    best = store.select_runs(select="best")
+    assert dict(zip(best["protocol"], best["run_id"])) == {"kfold": "other-protocol", "loso": "complete"}
+    assert store.run_scores(store.select_runs(latest_only=False))["half"] == pytest.approx(0.225)
+    latest = store.select_runs()
+    assert dict(zip(latest["protocol"], latest["run_id"])) == {"kfold": "other-protocol", "loso": "half"}
+
+
+def test_latest_is_the_run_finished_last(store):
+    _scored_run(store, "started-first", [0.1], finish=False)
+    _scored_run(store, "started-second", [0.2])
+    assert store.select_runs()["run_id"].tolist() == ["started-second"]
+    store.finish_run("started-first")
+    assert store.select_runs()["run_id"].tolist() == ["started-first"], "finished after the other"
+
+
+def test_unknown_run_selection_or_metric_is_refused(store):
+    _scored_run(store, "a", [0.5])
+    _scored_run(store, "b", [0.6])
+    with pytest.raises(StoreError, match="run selection"):
+        store.case_results_frame(select="oldest")
+    with pytest.raises(StoreError, match="unknown metric"):
+        store.select_runs(select="best", rank_metric="dicey")
+    with pytest.raises(StoreError, match="no better direction"):
+        store.select_runs(select="best", rank_metric=next(k for k, info in METRICS.items() if info.higher_is_better is None))
+
+
 def test_same_label_different_content_gets_a_hash_suffix(store):
     register(store, "r1", submission=make_submission("aaaaaaa111"))
     register(store, "r2", submission=make_submission("bbbbbbb222"))

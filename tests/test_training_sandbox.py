@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,7 +33,8 @@ needs_sandbox = pytest.mark.skipif(sandbox_unavailable_reason() is not None,
 INVENTORY = r"""
 import json, os, sys
 request = json.loads(sys.argv[1])
-seen = {"train": sorted(os.listdir("/train")), "model": sorted(os.listdir("/model")), "root": sorted(os.listdir("/"))}
+seen = {"train": sorted(os.listdir("/train")), "model": sorted(os.listdir("/model")), "root": sorted(os.listdir("/")),
+        "pretrain": sorted(os.listdir("/results/pretrain")), "weights": os.path.isfile("/results/pretrain/" + "0" * 16 + "/weights.pt")}
 for case in request["cases"]:
     for path in case["image_paths"] + [case["label_path"]]:
         assert os.path.isfile(path), path
@@ -53,10 +55,17 @@ def test_a_folds_fit_sees_its_training_cases_and_nothing_else(synthetic_dataset,
     fold, held_out = cases[:5], cases[5:]
     model_dir = tmp_path / "results" / "runs" / "r" / "models" / "fold-1"
     model_dir.mkdir(parents=True)
-    request = {"cases": [_case_json(c) for c in fold], "model_dir": str(model_dir), "cache_dir": None}
+    for run in ("0" * 16, "1" * 16):  # two pretrain runs; the recipe names the first
+        (tmp_path / "results" / "pretrain" / run).mkdir(parents=True)
+        (tmp_path / "results" / "pretrain" / run / "weights.pt").write_bytes(b"w")
+    (tmp_path / "results" / "bench.db").write_bytes(b"")
+    submission = SimpleNamespace(path=REPO / "submissions" / "unet-monai",
+                                 manifest=SimpleNamespace(recipe={"transfer": {"checkpoint": "0" * 16}}))
+    request = {"cases": [_case_json(c) for c in fold], "model_dir": str(model_dir), "cache_dir": None,
+               "results_dir": str(tmp_path / "results")}
     layout = SandboxLayout.create()
     try:
-        config, inside = training_sandbox(load_submission(REPO / "submissions" / "zadc-logreg"), request, layout, None)
+        config, inside = training_sandbox(submission, request, layout, None)
         config.check_hidden([synthetic_dataset.root, tmp_path / "results"], "training")  # neither is mounted
         secrets = [str(synthetic_dataset.root), str(held_out[0].label_path), str(tmp_path / "results" / "bench.db")]
         argv = [sys.executable, "-c", INVENTORY, json.dumps(inside), *secrets]
@@ -70,6 +79,8 @@ def test_a_folds_fit_sees_its_training_cases_and_nothing_else(synthetic_dataset,
     assert not seen["train_writable"], "training data is read-only"
     assert not seen["hidden_visible"], f"visible from the training sandbox: {seen['hidden_visible']}"
     assert (model_dir / "written-inside").is_file(), "the model folder is the one writable output"
+    assert seen["pretrain"] == ["0" * 16] and seen["weights"], "only the pretrain run the recipe names"
+    assert inside["results_dir"] == "/results"
 
 
 def test_the_cache_view_holds_this_folds_cases_only_and_merges_back_only_them(tmp_path: Path) -> None:

@@ -227,7 +227,7 @@ def test_dropout_enabled_touches_only_dropout_and_restores_modes():
 def test_flip_tta_members_average_to_mirrored_softmax():
     import torch
 
-    from bench.models.inference import MirroredSoftmax
+    from bench.inference import MirroredSoftmax
 
     net, image = _unet(), _image()
     members = flip_tta_probabilities(net, image, (1, 2))

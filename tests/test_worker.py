@@ -1,6 +1,6 @@
 """`bench worker`: queued jobs are claimed, verified, run through the harness in a child process, logged.
 
-Jobs run on the tiny synthetic dataset of the app's sample (bench.app.sample) with the repository's
+Jobs run on the tiny synthetic dataset of the app's sample (bench.perf.fill) with the repository's
 zadc-threshold submission and the sample's ``predictions`` submissions.
 """
 
@@ -15,7 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from bench.app import queries, uploads
-from bench.app.sample import SampleResults, sample_results
+from bench.perf.fill import SampleResults, sample_results
 from bench.store import Store
 from bench.cli.worker import worker_command
 from bench.worker import job_log_path, run_job, run_worker

@@ -12,15 +12,18 @@ Modules:
     Which database and folders the app uses (:class:`~bench.app.source.AppSource`).
 :mod:`~bench.app.queries`
     Plain functions from a :class:`~bench.store.Store` to the tables each page shows (no Streamlit,
-    tested directly and timed by :mod:`~bench.app.perf`).
+    tested directly and timed by :mod:`bench.perf.fill`).
 :mod:`~bench.app.viewer`
     Slice rendering: ADC / Z-ADC with true-positive, false-positive and false-negative voxels.
 :mod:`~bench.app.uploads`
     Turning an uploaded zip into a verified submission folder and a queued job.
 :mod:`~bench.app.ui`
     Streamlit glue shared by the pages: cached queries, the sidebar, widgets, the empty state.
-:mod:`~bench.app.sample`
-    A small but real results database (synthetic data, real predictions) for tests and screenshots.
+:mod:`~bench.app.perf`
+    The Streamlit half of ``bench perf app``: server time of the leaderboard page in AppTest.
+
+The sample results database of the app's tests (synthetic data, real predictions) is made by
+:mod:`bench.perf.fill`, with the other dev-only fillers.
 
 Only this package imports Streamlit; the job worker that runs queued submissions is :mod:`bench.worker`.
 """

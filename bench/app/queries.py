@@ -1,7 +1,7 @@
 """The tables and series the app shows, as plain functions of a :class:`~bench.store.Store`.
 
 Nothing here imports Streamlit: the pages call these through the caches of :mod:`bench.app.ui`, the
-tests and :mod:`bench.app.perf` call them directly. No metric is computed here either: per-case values
+tests and :mod:`bench.perf.fill` call them directly. No metric is computed here either: per-case values
 come from the store, and every aggregate (means, confidence intervals, ranks, tests, the score a failed
 case gets) from :mod:`bench.stats`, so the app shows exactly the numbers of ``bench leaderboard`` and
 ``bench report``.
@@ -166,8 +166,8 @@ def case_frame(
     """Per-case rows of one scope (``protocol=None``: every protocol), one run per submission and protocol.
 
     ``run_choice="best"`` keeps, for each submission, the run with the best mean of ``rank_metric``
-    (default: the first of ``metrics``), scored by :func:`bench.stats.score_matrix` (failed cases
-    count as the worst value). Columns: those of :meth:`bench.store.Store.case_results_frame`, with the
+    (default: the first of ``metrics``; failed and missing cases count as the worst value), chosen by the
+    store's one run-selection query. Columns: those of :meth:`bench.store.Store.case_results_frame`, with the
     probability columns (:data:`bench.results.PROBABILITY_METRICS`) unless ``probabilities=False``.
     """
     from bench.results import PROBABILITY_METRICS
@@ -182,43 +182,11 @@ def case_frame(
         metrics += [key for key in PROBABILITY_METRICS if key not in metrics]
     # details=False skips fold, error, prediction path and timings: the leaderboard needs none of them and
     # reading fewer columns halves the cold query on 100,000 rows.
-    frame = store.case_results_frame(
-        dataset=dataset_version, protocol=protocol, convention=convention, metrics=metrics, latest_only=run_choice == "latest", details=details
+    # The store owns run selection (bench.store.queries.select_runs): the app, the CLI and the report agree.
+    return store.case_results_frame(
+        dataset=dataset_version, protocol=protocol, convention=convention, metrics=metrics, select=run_choice,
+        rank_metric=rank_metric, details=details,
     )
-    if run_choice == "best":
-        frame = best_runs(frame, rank_metric)
-    return frame
-
-
-def best_runs(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Keep, per submission and protocol, the rows of the run with the best mean ``metric``.
-
-    Runs are compared over the same cases: a case one run lacks and another has counts as the worst
-    value for the run that lacks it (the rule of :func:`bench.stats.score_matrix`).
-    """
-    import numpy as np
-
-    from bench import stats
-    from bench.metrics import METRICS
-
-    higher = METRICS[metric].higher_is_better
-    if higher is None:
-        raise ValueError(f"metric {metric!r} has no better direction; the best run cannot be chosen by it")
-    if frame.empty:
-        return frame
-    keep: list[str] = []
-    for _, group in frame.groupby("protocol", sort=False, observed=True):
-        runs = group.drop_duplicates("run_id")[["run_id", "submission_hash"]].astype(str)
-        if runs["submission_hash"].is_unique:  # one run per submission: nothing to choose
-            keep += runs["run_id"].tolist()
-            continue
-        matrix = stats.score_matrix(group.assign(submission=group["run_id"].astype(str)), metric)
-        with np.errstate(all="ignore"):
-            means = np.nanmean(matrix.values, axis=0) if matrix.values.size else np.array([])
-        score = dict(zip(matrix.submissions, np.where(np.isnan(means), -np.inf, means if higher else -means)))
-        runs = runs.assign(score=runs["run_id"].map(score)).sort_values(["score", "run_id"], ascending=[False, True])
-        keep += runs.drop_duplicates("submission_hash")["run_id"].tolist()
-    return frame[frame["run_id"].astype(str).isin(keep)].reset_index(drop=True)
 
 
 def submissions_of(frame: pd.DataFrame) -> pd.DataFrame:

@@ -22,6 +22,15 @@ The full slice is always shown; :func:`with_inset` adds a zoomed inset of the le
 frame of :func:`focus_box`, outlined in yellow on the slice) in the corner farthest from them, so small
 HIE lesions are readable without hiding the anatomy around them.
 
+Every case is shown in one radiological orientation, whatever its file's header (LPS, RAS, LAS, oblique,
+axis-permuted): :func:`load_case_volumes` reorients the channels, the reference, the prediction and the
+probability with :func:`bench.data.figures.display_transform` (the permutation and flips of
+:func:`bench.data.figures.display_orientation`, no interpolation), so axial slices have anterior at the
+top and the patient's left on the viewer's right. Whatever else is drawn on a case goes through the same
+:attr:`CaseVolumes.display` transform: uncertainty maps, saliency (:func:`display_saliency`, computed on
+the native grid and reoriented) and the stored lesion centroids (:func:`display_lesion_slices`, native
+voxel indices mapped to display slices). Stored results stay in native space; only the picture turns.
+
 This is display, not scoring: the numbers in the tables come from the store. Images are rendered with
 numpy and saved as PNG (Pillow), which is fast enough to re-render on every slider move; slices are
 scaled with nearest-neighbour sampling to square pixels in millimetres (thick slices stay visible as
@@ -35,8 +44,14 @@ import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from bench.data.figures import DisplayTransform
 
 #: Codes of the error map (:func:`error_map`).
 BACKGROUND, TRUE_POSITIVE, FALSE_POSITIVE, FALSE_NEGATIVE = 0, 1, 2, 3
@@ -73,13 +88,17 @@ HEAT_OVERLAYS: dict[str, HeatOverlay] = {
 
 @dataclass(frozen=True)
 class CaseVolumes:
-    """The arrays one case view needs, array order (z, y, x).
+    """The arrays one case view needs, in display orientation (array order z, y, x of the LPS frame).
 
     Attributes:
         channels: Channel name -> float32 volume (ADC, Z-ADC).
         reference: Reference lesion mask.
         prediction: Predicted mask, or ``None`` when the prediction file is unavailable.
-        spacing: Voxel size in mm, array order.
+        spacing: Voxel size in mm, display array order.
+        probability: Stored lesion probability in [0, 1], or ``None``.
+        display: How the case's native arrays became these (:class:`bench.data.figures.DisplayTransform`);
+            ``None`` for arrays given already in display orientation. Use it for every other array of
+            the case (:meth:`to_display`) and for native voxel indices (lesion centroids).
     """
 
     channels: dict[str, np.ndarray]
@@ -87,6 +106,15 @@ class CaseVolumes:
     prediction: np.ndarray | None
     spacing: tuple[float, float, float]
     probability: np.ndarray | None = None
+    display: "DisplayTransform | None" = None
+
+    def to_display(self, native: np.ndarray) -> np.ndarray:
+        """An array on the case's native grid (a map, a mask) in the orientation of these volumes."""
+        return native if self.display is None else self.display.apply(native)
+
+    def to_native(self, shown: np.ndarray) -> np.ndarray:
+        """An array in the orientation of these volumes back on the case's native grid."""
+        return shown if self.display is None else self.display.invert(shown)
 
     @property
     def foreground(self) -> np.ndarray:
@@ -112,21 +140,23 @@ def load_case_volumes(
     dataset_root: str | Path, case_id: str, prediction_path: str | Path | None, probability_path: str | Path | None = None
 ) -> CaseVolumes:
     """Read a case's channels and reference through the Case API, its stored prediction and, when given,
-    its stored probability (:func:`load_probability`).
+    its stored probability (:func:`load_probability`), all reoriented to the display orientation
+    (:func:`bench.data.figures.display_transform` of the case's header; :attr:`CaseVolumes.display`).
 
     Raises:
         ViewerError: the dataset has no such case, or the prediction's grid differs from the case's.
             A missing prediction file is not an error: the case is shown with its reference only.
     """
     from bench.data.dataset import Dataset, DatasetError
+    from bench.data.figures import display_transform
     from bench.imageio import ImageError, read_image
 
     try:
         case = Dataset.load(dataset_root).case(case_id)
         channels = {name: case.load_channel(name)[0] for name in case.channel_names}
         reference = case.load_label()
-        spacing = tuple(float(s) for s in case.geometry.spacing)
-    except (DatasetError, KeyError, ImageError, OSError) as exc:
+        display = display_transform(case.geometry)
+    except (DatasetError, KeyError, ImageError, OSError, ValueError) as exc:
         raise ViewerError(f"case {case_id} of {dataset_root}: {exc}") from exc
     prediction = None
     if prediction_path and Path(prediction_path).is_file():
@@ -138,7 +168,14 @@ def load_case_volumes(
             raise ViewerError(f"{prediction_path}: prediction has shape {array.shape}, case {case_id} has {reference.shape}")
         prediction = array > 0
     probability = load_probability(probability_path, reference.shape)
-    return CaseVolumes(channels=channels, reference=reference, prediction=prediction, spacing=spacing, probability=probability)  # type: ignore[arg-type]
+    return CaseVolumes(
+        channels={name: display.apply(array) for name, array in channels.items()},
+        reference=display.apply(reference),
+        prediction=None if prediction is None else display.apply(prediction),
+        spacing=display.spacing(case.geometry.spacing),
+        probability=None if probability is None else display.apply(probability),
+        display=display,
+    )
 
 
 def load_probability(path: str | Path | None, shape: Sequence[int]) -> np.ndarray | None:
@@ -159,6 +196,50 @@ def load_probability(path: str | Path | None, shape: Sequence[int]) -> np.ndarra
         return dequantize(np.asarray(levels))
     except (ImageError, OSError, ValueError) as exc:
         raise ViewerError(f"{path}: {exc}") from exc
+
+
+def display_heat_maps(probability_path: str | Path | None, display: "DisplayTransform") -> dict[str, np.ndarray]:
+    """The stored probability of a case (native grid, checked against ``display.shape``) and its entropy,
+    both in display orientation; empty when there is no probability file."""
+    probability = load_probability(probability_path, display.shape)
+    if probability is None:
+        return {}
+    shown = display.apply(probability)
+    return {"probability": shown, "uncertainty": entropy_map(shown)}
+
+
+def display_lesion_slices(lesions: "pd.DataFrame", centroids: "pd.DataFrame | None", display: "DisplayTransform | None") -> "pd.DataFrame":
+    """``lesions`` (:func:`bench.app.queries.case_lesions`: ``slice`` is the native centroid's axis-0 index)
+    with ``slice`` as the display slice of each lesion's centroid.
+
+    ``centroids`` holds the stored lesion rows of the case with ``kind`` (``ref`` / ``pred``), ``lesion_id``
+    and ``centroid_z``, ``centroid_y``, ``centroid_x`` (native voxel indices); a lesion without a full
+    centroid keeps no slice. When the display only reverses or keeps axis 0 (every axial file), the
+    native slice alone is enough and ``centroids`` may be ``None``.
+    """
+    import pandas as pd
+
+    if display is None or display.is_identity or lesions.empty:
+        return lesions
+    out = lesions.copy()
+    if display.axes[0] == 0 and centroids is None:
+        native = out["slice"].astype("Float64")
+        out["slice"] = ((display.shape[0] - 1) - native).round().astype("Int64") if display.flips[0] else out["slice"]
+        return out
+    if centroids is None:
+        out["slice"] = pd.array([pd.NA] * len(out), dtype="Int64")
+        return out
+    kinds = {"reference": "ref", "predicted": "pred"}
+    where = {(str(r.kind), int(r.lesion_id)): (r.centroid_z, r.centroid_y, r.centroid_x) for r in centroids.itertuples()}
+    slices = []
+    for row in out.itertuples():
+        centroid = where.get((kinds.get(str(row.kind), str(row.kind)), int(row.lesion_id)))
+        if centroid is None or any(pd.isna(c) for c in centroid):
+            slices.append(pd.NA)
+        else:
+            slices.append(int(round(display.index(tuple(float(c) for c in centroid))[0])))
+    out["slice"] = pd.array(slices, dtype="Int64")
+    return out
 
 
 def entropy_map(probability: np.ndarray) -> np.ndarray:
@@ -365,8 +446,8 @@ def saliency_run_folder(prediction_path: str | Path | None, fold: str) -> Path |
 
 
 def saliency_map(run_folder: Path, dataset_root: str | Path, case_id: str, prediction: np.ndarray, lesion_id: int, **options) -> tuple[np.ndarray, dict]:
-    """Integrated-gradients saliency of predicted lesion ``lesion_id`` (1-based, raster order) on the native
-    grid, and its facts (completeness error, attribution per channel): :func:`bench.saliency.lesion_saliency`,
+    """Integrated-gradients saliency of predicted lesion ``lesion_id`` (1-based, raster order of the native
+    ``prediction``) on the native grid (the viewer shows it through :func:`display_saliency`), and its facts (completeness error, attribution per channel): :func:`bench.saliency.lesion_saliency`,
     cached in ``<run folder>/saliency`` (a second request reads the file)."""
     from dataclasses import asdict
 
@@ -378,6 +459,15 @@ def saliency_map(run_folder: Path, dataset_root: str | Path, case_id: str, predi
     result = lesion_saliency(Path(run_folder), case, prediction, lesion_id, cache_dir=Path(run_folder) / "saliency", **options)
     values, _ = read_image(result.path)
     return values.astype(np.float32), asdict(result)
+
+
+def display_saliency(run_folder: Path, dataset_root: str | Path, case_id: str, volumes: CaseVolumes, lesion_id: int, **options) -> tuple[np.ndarray, dict]:
+    """:func:`saliency_map` for a case shown as ``volumes``: the prediction goes back to the native grid
+    (where the lesion ids and the model live), the attribution comes back in display orientation."""
+    if volumes.prediction is None:
+        raise ViewerError(f"case {case_id}: no prediction to explain")
+    values, facts = saliency_map(run_folder, dataset_root, case_id, volumes.to_native(volumes.prediction), lesion_id, **options)
+    return volumes.to_display(values), facts
 
 
 def to_png(rgb: np.ndarray) -> bytes:
@@ -407,22 +497,26 @@ def montage(tiles: Sequence[np.ndarray], *, columns: int, gap: int = 6, backgrou
 
 
 def case_tile(dataset_root: str | Path, case_id: str, *, channel: int | str = 0, height: int = 200) -> np.ndarray:
-    """One case as a montage tile: the slice with the most reference lesion, lesions highlighted."""
+    """One case as a montage tile, in display orientation: the slice with the most reference lesion, lesions highlighted."""
     from bench.data.dataset import Dataset
+
+    from bench.data.figures import display_transform
 
     case = Dataset.load(dataset_root).case(case_id)
     image, geometry = case.load_channel(channel)
+    display = display_transform(geometry)
     name = case.channel_names[channel] if isinstance(channel, int) else channel
     reference = case.load_label() if case.label_path is not None else np.zeros(image.shape, bool)
+    image, reference, first = display.apply(image), display.apply(reference), display.apply(case.load_channel(0)[0])
+    spacing = display.spacing(geometry.spacing)
     counts = reference.reshape(reference.shape[0], -1).sum(axis=1)
     z = int(np.argmax(counts)) if counts.any() else image.shape[0] // 2
-    first, _ = case.load_channel(0)
     return render_slice(
         image[z],
         window=display_window(image, symmetric=is_z_score_map(name)),
         foreground=first[z] != 0,
         highlight=reference[z],
-        pixel_mm=(geometry.spacing[1], geometry.spacing[2]),
+        pixel_mm=(spacing[1], spacing[2]),
         height=height,
     )
 

@@ -18,8 +18,8 @@ from bench.cli.common import guard_commands
 from bench.cli.demo import demo_command
 from bench.cli.doctor import doctor_command
 from bench.cli.evaluate import evaluate_command
+from bench.cli.pretrain import pretrain_command
 from bench.cli.run import run_command
-from bench.models.perf import models_command
 from bench.cli.perf import app as perf_app
 from bench.cli.readout import readout_command
 from bench.cli.report import export_command, leaderboard_command, report_command
@@ -34,7 +34,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(data_app, name="data", help="Create, import and inspect datasets.")
-perf_app.command("models")(models_command)
 app.add_typer(perf_app, name="perf", help="Speed benchmarks against the reference libraries.")
 app.add_typer(submission_app, name="submission", help="Verify, scaffold and add model submissions.")
 app.command("evaluate")(evaluate_command)
@@ -46,6 +45,7 @@ app.command("readout")(readout_command)
 app.command("demo")(demo_command)
 app.command("worker")(worker_command)
 app.command("doctor")(doctor_command)
+app.command("pretrain")(pretrain_command)
 
 
 def _version(value: bool) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -129,12 +129,76 @@ def harness_command(
     )
 
 
+@app.command("sandbox")
+def sandbox_command(
+    quick: Annotated[bool, typer.Option("--quick", help="8 tiny cases: a smoke test, not the figure (that takes twice `make demo`).")] = False,
+    submission: Annotated[Optional[list[str]], typer.Option("--submission", "-s", help="Demo submission to include (repeatable; default: all).")] = None,
+) -> None:
+    """The demo's benchmark with and without the sandbox (fits and predictions), in the same run."""
+    from bench.perf.sandbox import run_sandbox_benchmark
+
+    frame = run_sandbox_benchmark(quick=quick, submissions=tuple(submission) if submission else None)
+    total = frame.iloc[-1]
+    print_frame(
+        frame,
+        f"bench perf sandbox: the demo's submissions, k-fold and leave-one-site-out, {frame.attrs['cases']} {frame.attrs['size']} cases, cpu schedule",
+        columns={"submission": "submission", "sandbox_s": "sandboxed s", "none_s": "--unsafe-no-sandbox s", "ratio": "ratio"},
+        caption=f"Target: at most {frame.attrs['target']:.2f}x. Measured: {total['ratio']:.2f}x ({total['sandbox_s']:.0f} s against {total['none_s']:.0f} s).",
+    )
+
+
+@app.command("models")
+def models_command(
+    submissions: Annotated[Optional[list[Path]], typer.Argument(help="Trainable submission folders (default: the four shipped entrants).")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="Dataset folder; default: a synthetic dataset generated for the run.")] = None,
+    size: Annotated[str, typer.Option(help="Synthetic size preset when no dataset is given: tiny, small or full.")] = "small",
+    train_cases: Annotated[int, typer.Option(min=1, help="Cases to train on (the next case is predicted).")] = 4,
+    iterations: Annotated[int, typer.Option(min=1, help="Training iterations per epoch (2 epochs, the 2nd is timed).")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed whole-volume predictions (median kept).")] = 2,
+    schedule: Annotated[str, typer.Option(help="Recipe schedule: auto (gpu when CUDA is present), cpu or gpu.")] = "auto",
+    device: Annotated[Optional[str], typer.Option(help="Torch device (cpu, cuda); default CUDA when present.")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Keep run folders here instead of a temporary folder.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the table as CSV.")] = None,
+) -> None:
+    """Training budget, patches/s and inference s/case of each entrant, next to nnU-Net's own predictor."""
+    from bench.models import perf as models_perf
+
+    frame = models_perf.run_models_benchmark(
+        submissions, dataset=dataset, size=size, train_cases=train_cases, iterations=iterations, repeats=repeats, schedule=schedule,
+        device=device, work_dir=work_dir,
+    )
+    frame = models_perf.display_frame(frame)
+    print_frame(
+        frame,
+        "Entrants: training budget, throughput and whole-volume inference",
+        {name: header for name, header in models_perf.DISPLAY_COLUMNS.items() if name in frame},
+        caption="One budget per schedule for every entrant (bench.models.recipe.TRAINING_BUDGETS). Throughput: second of two short epochs; "
+        "budget s: the whole schedule at that throughput; inference: median of timed predictions after a warm-up.",
+    )
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(output, index=False)
+
+
+@app.command("leaderboard")
+def leaderboard_command(
+    rows: Annotated[int, typer.Option("--rows", min=100, help="Per-case rows in the temporary database.")] = 100_000,
+    submissions: Annotated[int, typer.Option("--submissions", min=1, help="Submissions (one leave-one-site-out run each).")] = 50,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples of the leaderboard.")] = 1000,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Each timing is the best of this many.")] = 3,
+) -> None:
+    """Time `bench leaderboard`'s computation (query, statistics, both) on a database with many per-case rows."""
+    from bench.perf.fill import print_timings, time_leaderboard
+
+    print_timings(time_leaderboard(rows, n_submissions=submissions, n_boot=bootstrap, repeats=repeats))
+
+
 @app.command("app")
 def app_command(
-    rows: int = typer.Option(100_000, "--rows", min=100, help="Per-case rows in the temporary database."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Each timing is the best of this many."),
+    rows: Annotated[int, typer.Option("--rows", min=100, help="Per-case rows in the temporary database.")] = 100_000,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Each timing is the best of this many.")] = 3,
 ) -> None:
     """Server time of the app's leaderboard page on a database with many per-case rows (cold and cached)."""
-    from bench.app.perf import print_timings, time_leaderboard_page
+    from bench.perf.fill import print_timings, time_leaderboard_page
 
     print_timings(time_leaderboard_page(rows, repeats=repeats))

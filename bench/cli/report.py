@@ -13,6 +13,7 @@ from bench.report import (
     EXPORT_TABLES,
     ExportFormat,
     ResultsNotFound,
+    RunSelection,
     TableFormat,
     require_results,
     export_results,
@@ -35,6 +36,10 @@ _ProtocolOption = Annotated[Optional[str], typer.Option("--protocol", help=f"{',
 _SiteOption = Annotated[Optional[str], typer.Option("--site", help="Only cases of this site (bootstrap within it).")]
 _BootOption = Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples for CIs and rank stability.")]
 _SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")]
+_SelectOption = Annotated[
+    RunSelection,
+    typer.Option("--select", help="Which run of each submission counts: latest (finished last) or best (highest mean of the first metric)."),
+]
 _FormatOption = Annotated[
     TableFormat,
     typer.Option("--format", "-f", help="table (rich, full width when piped), csv (every column) or markdown (one table per group)."),
@@ -54,6 +59,7 @@ def leaderboard_command(
     db: _DbOption = None,
     bootstrap: _BootOption = 1000,
     seed: _SeedOption = 0,
+    select: _SelectOption = RunSelection.latest,
     format: _FormatOption = TableFormat.table,
 ) -> None:
     """Print the leaderboard: mean [95% CI] per metric, rank, rank stability, failed and capped cases."""
@@ -63,7 +69,7 @@ def leaderboard_command(
     try:
         store = open_store(db)
         require_results(store)
-        table = leaderboard_table(store, metrics=metrics, dataset=dataset, protocol=protocol, site=site, n_boot=bootstrap, seed=seed)
+        table = leaderboard_table(store, metrics=metrics, dataset=dataset, protocol=protocol, site=site, n_boot=bootstrap, seed=seed, select=select)
     except (ResultsNotFound, StoreError, KeyError, ValueError) as exc:
         _fail(str(exc).strip('"'))
     if table.empty:
@@ -85,12 +91,16 @@ def report_command(
     db: _DbOption = None,
     bootstrap: _BootOption = 1000,
     seed: _SeedOption = 0,
+    select: _SelectOption = RunSelection.latest,
 ) -> None:
     """Write a static HTML report: leaderboard, per-site box plots, rank stability, tests, failure cases."""
     from bench.store import StoreError
 
     try:
-        path = write_report(open_store(db), out, metrics=list(metric or DEFAULT_METRICS), dataset=dataset, protocol=protocol, site=site, n_boot=bootstrap, seed=seed)
+        path = write_report(
+            open_store(db), out, metrics=list(metric or DEFAULT_METRICS), dataset=dataset, protocol=protocol, site=site, n_boot=bootstrap, seed=seed,
+            select=select,
+        )
     except (ResultsNotFound, StoreError, KeyError, ValueError) as exc:
         _fail(str(exc).strip('"'))
     typer.echo(f"wrote {path}")

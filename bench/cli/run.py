@@ -11,7 +11,7 @@ from bench.constants import DEFAULT_CONVENTION, DEFAULT_LESION_RULE, DEFAULT_PRO
 
 
 def run_command(
-    submissions: list[Path] = typer.Argument(..., help="Submission folders (each with a submission.yaml).", exists=True, file_okay=False),
+    submissions: list[str] = typer.Argument(..., help="Submission folders (each with a submission.yaml)."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name under the data root, or a path to a dataset folder."),
     protocol: list[str] = typer.Option([DEFAULT_PROTOCOL], "--protocol", "-p", help=f"{', '.join(PROTOCOLS)} (repeat the option for several)."),
     folds: int = typer.Option(5, "--folds", min=2, help="Number of folds of the site-stratified k-fold."),
@@ -19,6 +19,8 @@ def run_command(
     convention: str = typer.Option(DEFAULT_CONVENTION, "--convention", help="Metric convention: bench (default), medpy, monai, deepmind, bonbid2023, bonbid2024 (docs/metrics.md)."),
     schedule: str = typer.Option(DEFAULT_SCHEDULE, "--schedule", help="Training schedule of trainable submissions: auto (gpu if torch can use CUDA), cpu or gpu."),
     lesion_rule: str = typer.Option(DEFAULT_LESION_RULE, "--lesion-rule", help="How lesions are matched: one_to_one (IoU >= 0.1, as panoptica), min_iou or any_overlap."),
+    train_fraction: list[float] | None = typer.Option(None, "--train-fraction", min=0.01, max=1.0,
+                                               help="Share of each fold's training cases (site-stratified), e.g. --train-fraction 0.25 0.5 1.0: one run each, then a learning curve."),
     workers: int = typer.Option(1, "--workers", min=1, help="Run this many fold units in parallel local processes (one GPU each)."),
     executor: str = typer.Option("local", "--executor", help="local (processes on this machine) or ray (a Ray cluster; docs/cluster.md)."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster: auto, HOST:6379 or ray://HOST:10001 (default: a private local instance)."),
@@ -40,6 +42,7 @@ def run_command(
     from bench.metrics import CONVENTIONS
 
     console = Console()
+    submissions, train_fraction = _split_fractions(submissions, train_fraction)
     config = settings(data_root, results_dir, db)
     dataset_path = config.dataset_path(dataset)
     for name in protocol:
@@ -50,10 +53,12 @@ def run_command(
     check_choice("executor", executor, EXECUTORS)
     require_sandbox(unsafe_no_sandbox)
     specs = [
-        RunSpec(submission=path.resolve(), dataset=dataset_path, protocol=name, folds=folds, seed=seed, convention=convention,
-                lesion_rule=lesion_rule, schedule=schedule, sandbox=not unsafe_no_sandbox, results_dir=config.results_dir.resolve(), db_url=config.database_url)
+        RunSpec(submission=Path(path).resolve(), dataset=dataset_path, protocol=name, folds=folds, seed=seed, convention=convention,
+                lesion_rule=lesion_rule, schedule=schedule, sandbox=not unsafe_no_sandbox, results_dir=config.results_dir.resolve(), db_url=config.database_url,
+                train_fraction=fraction)
         for path in submissions
         for name in protocol
+        for fraction in dict.fromkeys(train_fraction)
     ]
 
     def report(result: UnitResult) -> None:
@@ -71,7 +76,33 @@ def run_command(
     by_run = run_benchmark(specs, on_result=report, executor=runner)
     failed = sum(r.failed for results in by_run.values() for r in results)
     console.print(f"Done: {len(by_run)} run(s); {failed} case(s) failed. See `bench leaderboard --db {config.database_url}`.")
+    if len(set(train_fraction)) > 1:
+        _learning_curves(console, by_run, protocol, config.database_url, config.results_dir)
     _fail_if_nothing_scored(by_run, config.database_url)
+
+
+def _split_fractions(arguments: list[str], fractions: list[float] | None) -> tuple[list[Path], list[float]]:
+    """``--train-fraction 0.25 0.5 1.0 SUBMISSION``: the option takes one value, the click parser hands the
+    others over as arguments; numbers that are not folders are further fractions. Every other argument
+    must be a folder."""
+    folders: list[Path] = []
+    extra: list[float] = []
+    for argument in arguments:
+        if Path(argument).is_dir():
+            folders.append(Path(argument))
+            continue
+        try:
+            value = float(argument)
+        except ValueError:
+            raise CliError(f"submission folder {argument} does not exist", "give the path of a folder with a submission.yaml") from None
+        if not 0.0 < value <= 1.0:
+            raise CliError(f"train fraction {argument} is not in (0, 1]", "e.g. --train-fraction 0.25 0.5 1.0")
+        extra.append(value)
+    if not folders:
+        raise CliError("no submission folder given", "e.g. bench run submissions/unet-monai --dataset synthetic-small")
+    if extra and not fractions:
+        raise CliError(f"{extra[0]:g} is not a submission folder", "to run several training fractions write --train-fraction 0.25 0.5 1.0")
+    return folders, list(dict.fromkeys([*(fractions or [1.0]), *extra]))
 
 
 def _fail_if_nothing_scored(by_run: dict, db_url: str) -> None:
@@ -87,3 +118,28 @@ def _fail_if_nothing_scored(by_run: dict, db_url: str) -> None:
         reasons += [f"{error.splitlines()[0][:200]} ({count} case(s))" for error, count in store.failure_reasons(run_id, limit=2)]
     raise CliError(f"every case failed in {len(empty)} run(s): " + "; ".join(dict.fromkeys(reasons)),
                    "fix the error shown and rerun the same command (failed cases are retried)", code=1)
+
+
+def _learning_curves(console, by_run: dict, protocols: list[str], db_url: str, results_dir: Path) -> None:
+    """Mean Dice per submission and training fraction (bench.fractions), printed and plotted per protocol."""
+    from rich.table import Table
+
+    from bench.fractions import learning_curve, pivot, plot_learning_curve
+    from bench.store import Store
+
+    store = Store.from_url(db_url)
+    for name in dict.fromkeys(protocols):
+        run_ids = [run_id for run_id in by_run if (record := store.get_run(run_id)) is not None and record.protocol == name]
+        table = learning_curve(db_url, run_ids)
+        if table.empty:
+            continue
+        wide = pivot(table)
+        rich_table = Table(title=f"Learning curve ({name}): mean Dice vs fraction of the training cases")
+        rich_table.add_column("submission")
+        for fraction in wide.columns:
+            rich_table.add_column(f"{fraction:g}", justify="right")
+        for submission, row in wide.iterrows():
+            rich_table.add_row(str(submission), *(f"{value:.3f}" for value in row))
+        console.print(rich_table)
+        path = plot_learning_curve(table, Path(results_dir) / f"learning-curve-{name}.png", title=f"Learning curve ({name})")
+        console.print(f"plot: {path}")

@@ -3,7 +3,9 @@ overview, and the realism figures of docs/datasets.md (Z-ADC distributions, lesi
 
 Cases are stored in many orientations (LPS, RAS, LAS, oblique), so every picture first reorients the
 arrays through their header to LPS (:func:`display_orientation`; the nearest axis-aligned frame for an
-oblique grid, no interpolation). Axial slices are then drawn in radiological convention: anterior at the
+oblique grid, no interpolation). :func:`display_transform` gives that permutation and those flips as an
+object that reorients any array of the grid and maps voxel indices (the app's slice viewer uses it for
+the channels, masks, maps and lesion centroids alike). Axial slices are then drawn in radiological convention: anterior at the
 top, the patient's left on the viewer's right, whatever the file's array order. ADC uses one fixed grey
 scale (0-2500 x 10^-6 mm^2/s) for every case, so site intensity differences stay visible; Z-ADC uses a
 diverging map (-6..6, lesions are negative); the reference label is drawn as an outline.
@@ -12,7 +14,7 @@ diverging map (-6..6, lesions are negative); the reference label is drawn as an 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
@@ -28,17 +30,96 @@ ZADC_RANGE = (-6.0, 6.0)
 OUTLINE_COLOR = "#ffd400"
 
 
-def display_orientation(volume: np.ndarray, geometry: "Geometry") -> tuple[np.ndarray, tuple[float, ...]]:
-    """``volume`` (array order z, y, x on ``geometry``) permuted / flipped to :data:`DISPLAY_ORIENTATION`,
-    and its spacing in the new array order. Values are not interpolated."""
+class DisplayTransform(NamedTuple):
+    """How a grid's arrays become :data:`DISPLAY_ORIENTATION` arrays: a permutation and flips, no resampling.
+
+    Display array axis ``i`` is native axis ``axes[i]``, reversed when ``flips[i]``; ``shape`` is the
+    native shape. Found by :func:`display_transform` from the header, it applies to any array on that grid
+    (channels, masks, probability and uncertainty maps, saliency) and maps voxel indices (lesion
+    centroids) the same way, so everything drawn on a case stays registered. A tuple, so it can key caches.
+    """
+
+    axes: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+    shape: tuple[int, int, int]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.axes == (0, 1, 2) and not any(self.flips)
+
+    @property
+    def display_shape(self) -> tuple[int, int, int]:
+        return tuple(int(self.shape[a]) for a in self.axes)  # type: ignore[return-value]
+
+    def apply(self, volume: np.ndarray) -> np.ndarray:
+        """``volume`` (native array order, shape :attr:`shape`) in display orientation (a contiguous copy)."""
+        volume = np.asarray(volume)
+        if tuple(volume.shape) != tuple(self.shape):
+            raise ValueError(f"array of shape {volume.shape} is not on this grid {tuple(self.shape)}")
+        flipped = [i for i, flip in enumerate(self.flips) if flip]
+        return np.ascontiguousarray(np.flip(np.transpose(volume, self.axes), flipped) if flipped else np.transpose(volume, self.axes))
+
+    def invert(self, volume: np.ndarray) -> np.ndarray:
+        """A display-orientation array back in native array order (inverse of :meth:`apply`)."""
+        volume = np.asarray(volume)
+        if tuple(volume.shape) != self.display_shape:
+            raise ValueError(f"array of shape {volume.shape} is not in this display frame {self.display_shape}")
+        flipped = [i for i, flip in enumerate(self.flips) if flip]
+        unflipped = np.flip(volume, flipped) if flipped else volume
+        return np.ascontiguousarray(np.transpose(unflipped, np.argsort(self.axes)))
+
+    def index(self, zyx: Sequence[float]) -> tuple[float, float, float]:
+        """A native voxel index (z, y, x; fractional, e.g. a centroid) as the display array's index."""
+        out = []
+        for axis, flip in zip(self.axes, self.flips):
+            value = float(zyx[axis])
+            out.append(float(self.shape[axis] - 1) - value if flip else value)
+        return out[0], out[1], out[2]
+
+    def spacing(self, spacing: Sequence[float]) -> tuple[float, float, float]:
+        """Voxel size (mm, native array order) in display array order."""
+        return tuple(float(spacing[a]) for a in self.axes)  # type: ignore[return-value]
+
+
+def display_transform(geometry: "Geometry") -> DisplayTransform:
+    """The :class:`DisplayTransform` of a 3-D grid to :data:`DISPLAY_ORIENTATION`.
+
+    SimpleITK's ``DICOMOrient`` decides (for an oblique grid: the nearest axis-aligned frame); it runs on
+    a 2 x 2 x 2 probe with the grid's direction cosines whose voxels hold their own flat index, so the
+    permutation and flips are read off exactly, whatever the volume's size.
+    """
     import SimpleITK as sitk
 
-    from bench.imageio import geometry_of, to_sitk
+    from bench.imageio import Geometry, to_sitk
 
-    dtype = volume.dtype
-    image = sitk.DICOMOrient(to_sitk(volume.astype(np.uint8) if dtype == bool else volume, geometry), DISPLAY_ORIENTATION)
-    array = sitk.GetArrayFromImage(image)
-    return (array.astype(bool) if dtype == bool else array), geometry_of(image).spacing
+    shape = tuple(int(s) for s in geometry.shape)
+    if len(shape) != 3:
+        raise ValueError(f"display orientation needs a 3-D grid, got shape {shape}")
+    probe_geometry = Geometry(shape=(2, 2, 2), spacing=tuple(geometry.spacing), origin=tuple(geometry.origin), direction=tuple(geometry.direction))
+    probe = np.arange(8, dtype=np.int16).reshape(2, 2, 2)  # value = 4 z + 2 y + x
+    oriented = sitk.GetArrayFromImage(sitk.DICOMOrient(to_sitk(probe, probe_geometry), DISPLAY_ORIENTATION)).astype(int)
+    strides = {4: 0, 2: 1, 1: 2}
+    axes, flips = [], []
+    for axis in range(3):
+        step = [0, 0, 0]
+        step[axis] = 1
+        delta = int(oriented[tuple(step)]) - int(oriented[0, 0, 0])
+        axes.append(strides[abs(delta)])
+        flips.append(delta < 0)
+    if sorted(axes) != [0, 1, 2]:  # pragma: no cover - DICOMOrient always permutes
+        raise RuntimeError(f"DICOMOrient gave no permutation of the axes: {axes}")
+    return DisplayTransform(tuple(axes), tuple(flips), shape)  # type: ignore[arg-type]
+
+
+def display_orientation(volume: np.ndarray, geometry: "Geometry") -> tuple[np.ndarray, tuple[float, ...]]:
+    """``volume`` (array order z, y, x on ``geometry``) permuted / flipped to :data:`DISPLAY_ORIENTATION`,
+    and its spacing in the new array order. Values are not interpolated; the dtype is kept.
+
+    The same permutation and flips as ``SimpleITK.DICOMOrient`` (:func:`display_transform`), applied in
+    numpy: every array of a case (masks, probability, uncertainty, saliency) can be reoriented alike.
+    """
+    transform = display_transform(geometry)
+    return transform.apply(volume), transform.spacing(geometry.spacing)
 
 
 def _load_for_display(case: "Case") -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:

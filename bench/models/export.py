@@ -3,7 +3,10 @@
 * ``torchscript`` (MONAI-trainer runs): the network wrapped with its flip test-time augmentation
   (:class:`~bench.inference.MirroredSoftmax`) is traced at the training patch size, so the
   exported model outputs class *probabilities* and the manifest says ``activation: none``; sliding
-  windows, Gaussian blending, threshold and preprocessing are those the run used.
+  windows, Gaussian blending, threshold and preprocessing are those the run used. With mirroring the
+  traced module also outputs the flip-TTA variance of the lesion probability as its last channel
+  (``MirroredSoftmax(..., with_variance=True)``, no extra pass) and the manifest says
+  ``uncertainty_channel: -1``, so the prediction records ``uncertainty_source: tta-variance``.
 * ``nnunet`` (nnU-Net runs): nnU-Net's trained-model folder (``plans.json``, ``dataset.json`` and
   ``fold_<f>/checkpoint_final.pth`` for every internal fold, so the export predicts with the same
   ensemble) and the ``postprocessing.json`` that nnU-Net's ``determine_postprocessing`` chose. The checkpoint is rewritten to hold only tensors and plain data
@@ -96,7 +99,10 @@ def _export_torchscript(run_dir: Path, record: dict[str, Any], folder: Path) -> 
     from bench.models.monai_model import ModelBundle
 
     bundle = ModelBundle.load(run_dir / MODEL_FILE)
-    model = MirroredSoftmax(bundle.build_network(), bundle.inference.mirror_axes).eval()
+    # With flip TTA the trace appends the flip variance of the lesion class as one more channel (no extra
+    # pass; the first channels are bit for bit those of the plain module), named in the manifest.
+    mirrored = bool(bundle.inference.mirror_axes)
+    model = MirroredSoftmax(bundle.build_network(), bundle.inference.mirror_axes, with_variance=mirrored, lesion_channel=1).eval()
     example = torch.zeros((1, bundle.in_channels, *bundle.patch_size), dtype=torch.float32)
     with torch.no_grad(), warnings.catch_warnings():
         # shape checks inside MONAI/torch layers become constants of the trace: harmless here, because
@@ -116,6 +122,7 @@ def _export_torchscript(run_dir: Path, record: dict[str, Any], folder: Path) -> 
         "sigma_scale": bundle.inference.gaussian_sigma_scale,
         "activation": "none",  # the traced model already averages softmax probabilities over flips
         "lesion_channel": 1,
+        **({"uncertainty_channel": -1} if mirrored else {}),  # the flip-TTA variance ("tta-variance")
         "threshold": bundle.inference.threshold,
         "sw_batch_size": bundle.inference.sw_batch_size,
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from bench.data.dataset import Case
+    from bench.inference import WindowSettings
     from bench.preprocess import PreprocessingConfig
 
 MODEL_FORMAT = "hie-bench/monai-model"
@@ -106,6 +107,32 @@ class ModelBundle:
         return PreprocessingConfig.model_validate(self.preprocessing)
 
 
+def window_settings(patch_size: Sequence[int], config: InferenceConfig) -> WindowSettings:
+    """The :class:`bench.inference.WindowSettings` a recipe's inference configuration describes (Gaussian blending)."""
+    from bench.inference import WindowSettings
+
+    return WindowSettings(tuple(int(s) for s in patch_size), config.overlap, "gaussian", config.gaussian_sigma_scale, config.sw_batch_size)
+
+
+def sliding_window_probabilities(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    config: InferenceConfig,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """Lesion probability ``(z, y, x)`` float32 for a ``(C, z, y, x)`` image, by the one inference path
+    (:func:`bench.inference.window_output`, then :func:`~bench.inference.lesion_probability`) configured
+    from a recipe; ``model`` outputs class probabilities (a :class:`bench.inference.MirroredSoftmax`)."""
+    from bench.inference import lesion_probability, window_output
+
+    output = window_output(model, image, window_settings(patch_size, config), device, amp=amp, channels_last=channels_last)
+    return lesion_probability(output, image.shape[1:], "none", 1)
+
+
 def inference_amp_dtype(device) -> str | None:
     """The autocast dtype of sliding-window inference on ``device``: CUDA runs under ``torch.autocast``
     with its default CUDA dtype (float16), the CPU in float32 (``None``)."""
@@ -132,7 +159,7 @@ class MonaiPredictor:
     budget_used = None
 
     def __init__(self, bundle: ModelBundle, *, device: str | None = None, cache_dir: Path | None = None) -> None:
-        from bench.models.inference import MirroredSoftmax
+        from bench.inference import MirroredSoftmax
 
         self.bundle = bundle
         self.device = select_device(device)
@@ -147,7 +174,6 @@ class MonaiPredictor:
 
     def predict_probabilities(self, case: "Case") -> np.ndarray:
         """Lesion probability on the case's native grid, float32 ``(z, y, x)``."""
-        from bench.models.inference import sliding_window_probabilities
         from bench.preprocess import preprocess
 
         from bench.models.trainer import cudnn_benchmark

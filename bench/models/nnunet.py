@@ -81,6 +81,7 @@ from bench.models.recipe import (
     ScheduleName,
     training_budget,
 )
+from bench.models.transfer import default_results_dirs, prepare_nnunet_weights, transfer_config
 from bench.models.runfolder import (
     append_log,
     claim_run_dir,
@@ -664,6 +665,7 @@ class NnUNetTrainable:
                     "data_workers": data_workers,
                 },
                 "inference_amp_dtype": "float16" if cuda else None,
+                **({"transfer": self.transfer_report} if getattr(self, "transfer_report", None) else {}),
                 "nnunet": {
                     "trainer": TRAINER_NAME,
                     "configuration": self.recipe.configuration,
@@ -700,17 +702,20 @@ class NnUNetTrainable:
         if resume_from is not None:
             trainer.load_checkpoint(str(resume_from))
             append_log(run_dir, f"nnU-Net fold {fold} resumed from {resume_from.name} at epoch {trainer.current_epoch}")
-        elif self.recipe.pretrained_weights:
+        elif (transfer := transfer_config(self.recipe)) is not None:
+            # the strict check and a weights-only read are bench.models.transfer's; the matched tensors
+            # are then loaded by nnU-Net's own mechanism (its seg layers are never transferred)
             from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-            weights = Path(self.recipe.pretrained_weights)
-            if not weights.is_absolute() and self.submission_dir is not None:
-                weights = self.submission_dir / weights
-            if not weights.is_file():
-                raise FileNotFoundError(f"{weights}: pretrained nnU-Net checkpoint not found")
             trainer.initialize()
-            load_pretrained_weights(trainer.network, str(weights), verbose=False)
-            append_log(run_dir, f"nnU-Net fold {fold} initialised from {weights}")
+            handover = fold_folder / "pretrained_weights.pth"
+            report = prepare_nnunet_weights(trainer.network, transfer, submission_dir=self.submission_dir,
+                                            results_dirs=default_results_dirs(), out=handover)
+            load_pretrained_weights(trainer.network, str(handover), verbose=False)
+            handover.unlink(missing_ok=True)
+            self.transfer_report = report.to_dict()
+            append_log(run_dir, f"nnU-Net fold {fold} initialised {report.loaded}/{report.expected} tensors ({report.share:.0%}) "
+                                f"from {transfer.checkpoint} (sha256 {report.sha256[:12]})")
         start = time.perf_counter()
         trainer.run_training()
         history = [{**row, "fold": fold} for row in nnunet_history(trainer)]

@@ -1,4 +1,5 @@
-"""``bench perf models``: every entrant's training budget and speed on this machine, nnU-Net's beside them.
+"""Every entrant's training budget and speed on this machine, nnU-Net's beside them (``bench perf models``,
+in :mod:`bench.cli.perf`, prints :func:`run_models_benchmark` and :func:`display_frame`).
 
 For each trainable submission the benchmark trains two short epochs of ``iterations`` batches on a few
 cases (the schedule the machine would use, ``cpu`` or ``gpu``, with only the epoch and iteration counts
@@ -23,9 +24,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Sequence
-
-import typer
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -163,32 +162,27 @@ def run_models_benchmark(
     return frame
 
 
-def models_command(
-    submissions: Annotated[list[Path] | None, typer.Argument(help="Trainable submission folders (default: the four shipped entrants).")] = None,
-    dataset: Annotated[Path | None, typer.Option(help="Dataset folder; default: a synthetic dataset generated for the run.")] = None,
-    size: Annotated[str, typer.Option(help="Synthetic size preset when no dataset is given: tiny, small or full.")] = "small",
-    train_cases: Annotated[int, typer.Option(min=1, help="Cases to train on (the next case is predicted).")] = 4,
-    iterations: Annotated[int, typer.Option(min=1, help="Training iterations per epoch (2 epochs, the 2nd is timed).")] = 5,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed whole-volume predictions (median kept).")] = 2,
-    schedule: Annotated[str, typer.Option(help="Recipe schedule: auto (gpu when CUDA is present), cpu or gpu.")] = "auto",
-    device: Annotated[str | None, typer.Option(help="Torch device (cpu, cuda); default CUDA when present.")] = None,
-    work_dir: Annotated[Path | None, typer.Option(help="Keep run folders here instead of a temporary folder.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Also write the table as CSV.")] = None,
-) -> None:
-    """Training budget, patches/s and inference s/case of each entrant, next to nnU-Net's own predictor."""
-    from bench.perf import print_frame
+#: Headers of the printed table of :func:`run_models_benchmark`'s columns, in display order.
+DISPLAY_COLUMNS: dict[str, str] = {
+    "entrant": "entrant",
+    "network": "network",
+    "device": "device",
+    "patch_size": "patch (z×y×x)",
+    "batch_size": "batch",
+    "budget": "budget (patch-voxels)",
+    "budget_steps": "steps in budget",
+    "budget_used": "trains",
+    "train_patches_per_s": "train patches/s",
+    "train_voxels_per_s": "voxels/s",
+    "est_train_s": "budget s (est.)",
+    "infer_s_per_case": "inference s/case",
+    "infer_vs_nnunet": "× nnU-Net",
+    "case_shape": "case (z×y×x)",
+}
 
-    frame = run_models_benchmark(
-        submissions,
-        dataset=dataset,
-        size=size,
-        train_cases=train_cases,
-        iterations=iterations,
-        repeats=repeats,
-        schedule=schedule,
-        device=device,
-        work_dir=work_dir,
-    )
+
+def display_frame(frame: "pd.DataFrame") -> "pd.DataFrame":
+    """:func:`run_models_benchmark`'s frame as people read it: voxel counts in k / M, steps with their folds."""
     from bench.models.recipe import format_voxels
 
     frame = frame.copy()
@@ -200,30 +194,4 @@ def models_command(
         frame["budget_steps"] = [
             (f"{int(steps)}" + (f" ({int(n)} folds)" if n == n and n > 1 else "")) if steps == steps else "-" for steps, n in zip(frame["budget_steps"], models)
         ]
-    columns = {
-        "entrant": "entrant",
-        "network": "network",
-        "device": "device",
-        "patch_size": "patch (z×y×x)",
-        "batch_size": "batch",
-        "budget": "budget (patch-voxels)",
-        "budget_steps": "steps in budget",
-        "budget_used": "trains",
-        "train_patches_per_s": "train patches/s",
-        "train_voxels_per_s": "voxels/s",
-        "est_train_s": "budget s (est.)",
-        "infer_s_per_case": "inference s/case",
-        "infer_vs_nnunet": "× nnU-Net",
-        "case_shape": "case (z×y×x)",
-    }
-    columns = {name: header for name, header in columns.items() if name in frame}
-    print_frame(
-        frame,
-        "Entrants: training budget, throughput and whole-volume inference",
-        columns,
-        caption="One budget per schedule for every entrant (bench.models.recipe.TRAINING_BUDGETS). Throughput: second of two short epochs; "
-        "budget s: the whole schedule at that throughput; inference: median of timed predictions after a warm-up.",
-    )
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(output, index=False)
+    return frame

@@ -51,7 +51,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_serializer
 
 ScheduleName = Literal["cpu", "gpu"]
 Auto = Literal["auto"]
@@ -482,11 +482,35 @@ class InferenceConfig(_Config):
 
 
 class TransferConfig(_Config):
-    """Initialise from a checkpoint (path relative to the submission folder) and optionally keep the
-    encoder frozen for the first epochs, so the decoder adapts before the pretrained features move."""
+    """Initialise from a pre-trained checkpoint (:mod:`bench.models.transfer`).
+
+    ``checkpoint`` is a path inside the submission folder or a ``bench pretrain`` run id (16 hex digits,
+    resolved under the results folder). Strict by default: every tensor the network and the checkpoint
+    share must have the same shape and at least ``min_share`` of the network's tensors must load,
+    otherwise the run is refused with the tensors that did not match; ``strict: false`` loads what
+    matches and records the share. ``freeze``: state-dict name prefixes kept frozen for the whole
+    training; ``freeze_encoder_epochs``: the network's declared encoder frozen for the first epochs;
+    ``reinit_head``: the output layers keep their fresh initialisation; ``lr_loaded``: learning rate of
+    the loaded tensors (the optimizer's ``lr`` for the others; the schedule scales both alike).
+    """
 
     checkpoint: str | None = None
     freeze_encoder_epochs: int = Field(0, ge=0)
+    freeze: tuple[str, ...] = ()
+    reinit_head: bool = False
+    lr_loaded: float | None = Field(None, gt=0)
+    strict: bool = True
+    min_share: float = Field(0.9, gt=0, le=1)
+
+    @model_serializer(mode="wrap")
+    def _stable(self, handler):
+        """Leave the fields added with strict transfer out of dumps while they keep their defaults, so
+        the recorded identities of folds trained before them stay the same (their folders resume)."""
+        data = handler(self)
+        for name in ("freeze", "reinit_head", "lr_loaded", "strict", "min_share"):
+            if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                del data[name]
+        return data
 
 
 class MonaiSchedule(_Config):
@@ -514,6 +538,17 @@ class MonaiSchedule(_Config):
     #: Inference settings for models trained with this schedule; ``None``: the recipe's ``inference``
     #: (the shipped CPU schedules switch flip TTA off to keep the demo quick).
     inference: InferenceConfig | None = None
+    #: Transfer for models trained with this schedule (replaces the recipe's ``transfer``; e.g.
+    #: ``{checkpoint: null}`` where the recipe's checkpoint is of another schedule's network).
+    transfer: TransferConfig | None = None
+
+    @model_serializer(mode="wrap")
+    def _stable(self, handler):
+        """``transfer`` is left out of dumps while unset, so folds trained before it keep their identity."""
+        data = handler(self)
+        if "transfer" in data and self.transfer is None:
+            del data["transfer"]
+        return data
 
     @field_validator("patch_size")
     @classmethod
@@ -546,6 +581,11 @@ class MonaiRecipe(_Config):
     def inference_for(self, schedule: ScheduleName) -> InferenceConfig:
         """The schedule's ``inference`` if it has one, else the recipe's."""
         return self.schedules[schedule].inference or self.inference
+
+    def transfer_for(self, schedule: str) -> TransferConfig:
+        """The schedule's ``transfer`` if it has one, else the recipe's."""
+        spec = self.schedules.get(schedule)  # type: ignore[call-overload]
+        return spec.transfer if spec is not None and spec.transfer is not None else self.transfer
 
     def step_plan(self, schedule: ScheduleName) -> StepPlan:
         """How the schedule spends its budget (:class:`BudgetError` when it asks for more)."""
@@ -647,8 +687,20 @@ class NnUNetRecipe(_Config):
     #: ``determine``: nnU-Net's ``determine_postprocessing`` rule on the cross-validation predictions
     #: (keep only the largest lesion component if that raises the mean Dice); ``none``: no postprocessing.
     postprocessing: Literal["determine", "none"] = "determine"
-    #: nnU-Net checkpoint (path relative to the submission folder) to initialise the network from.
+    #: nnU-Net checkpoint (path relative to the submission folder) to initialise the network from; the
+    #: same as ``transfer.checkpoint`` (checked strictly by bench.models.transfer, then handed to
+    #: nnU-Net's load_pretrained_weights).
     pretrained_weights: str | None = None
+    #: The transfer declaration (as for the MONAI trainer; ``freeze`` and ``lr_loaded`` are not supported).
+    transfer: TransferConfig = TransferConfig()
+
+    @model_serializer(mode="wrap")
+    def _stable(self, handler):
+        """``transfer`` is left out of dumps while it is the default, so nnU-Net folds trained before it resume."""
+        data = handler(self)
+        if "transfer" in data and self.transfer == TransferConfig():
+            del data["transfer"]
+        return data
     schedules: dict[ScheduleName, NnUNetSchedule]
 
     def inference_for(self, schedule: ScheduleName) -> NnUNetInference:

@@ -213,7 +213,8 @@ def lr_at(epoch: int, epochs: int, recipe: MonaiRecipe) -> float:
 def validation_dice(model, cases: Sequence["PreprocessedCase"], patch_size: Sequence[int], inference: InferenceConfig, device, **options: bool) -> float:
     """Mean Dice over ``cases`` of sliding-window predictions on the preprocessed grid (a case without
     lesion counts 1 when nothing is predicted, 0 otherwise)."""
-    from bench.models.inference import dice, sliding_window_probabilities
+    from bench.inference import dice
+    from bench.models.monai_model import sliding_window_probabilities
 
     scores = [
         dice(sliding_window_probabilities(model, item.image, patch_size, inference, device, **options) > inference.threshold, item.label)
@@ -328,6 +329,11 @@ class MonaiTrainable:
             self._train(list(train_cases), list(val_cases), run_dir)
         predictor = MonaiPredictor.from_run_dir(run_dir, device=self.device_preference, cache_dir=self.cache_dir)
         predictor.budget_used = read_budget_used(run_dir)
+        if self.recipe.transfer_for(self.schedule_name).checkpoint:  # the stored per-fold budget says what the fold started from
+            from bench.models.runfolder import read_training_record
+            from bench.models.transfer import with_transfer
+
+            predictor.budget_used = with_transfer(predictor.budget_used, (read_training_record(run_dir) or {}).get("transfer"))
         return predictor
 
     def identity(self, train_cases: Sequence["Case"], val_cases: Sequence["Case"]) -> dict[str, Any]:
@@ -364,6 +370,7 @@ class MonaiTrainable:
         from bench.models.networks import NetworkContext, build_network, get_entry
 
         recipe, schedule, plan = self.recipe, self.schedule, self.step_plan
+        transfer = recipe.transfer_for(self.schedule_name)
         inference = recipe.inference_for(self.schedule_name)
         device = select_device(self.device_preference)
         cuda = device.type == "cuda"
@@ -395,23 +402,32 @@ class MonaiTrainable:
         network_params = recipe.network_params(self.schedule_name)
         net = build_network(recipe.network.name, network_params, context)
         encoder_prefixes = get_entry(recipe.network.name).encoder_prefixes
-        if recipe.transfer.freeze_encoder_epochs and not encoder_prefixes:
+        if transfer.freeze_encoder_epochs and not encoder_prefixes:
             raise ValueError(f"network {recipe.network.name} does not declare its encoder, so transfer.freeze_encoder_epochs cannot be used")
 
         state = TrainingState()
         checkpoint_path = run_dir / CHECKPOINT_FILE
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True) if checkpoint_path.is_file() else None
-        if checkpoint is None and recipe.transfer.checkpoint:
-            transfer = Path(recipe.transfer.checkpoint)
-            if not transfer.is_absolute() and self.submission_dir is not None:
-                transfer = self.submission_dir / transfer
-            loaded, total = load_transfer_weights(net, transfer)
-            append_log(run_dir, f"initialised {loaded}/{total} tensors from {transfer}")
+        # transfer learning (bench.models.transfer): strict by default; also on resume, where the
+        # checkpoint's weights then replace the loaded ones but the loaded names set the optimizer groups
+        transfer_report, loaded_names, frozen_names = None, set(), set()
+        if transfer.checkpoint:
+            from bench.models.transfer import apply_transfer, default_results_dirs, parameter_groups
+
+            results_dir = self.cache_dir.parent if self.cache_dir is not None else None  # the harness's <results>/cache
+            transfer_report, loaded_names = apply_transfer(
+                net, transfer, submission_dir=self.submission_dir, results_dirs=default_results_dirs(results_dir), out_channels=OUT_CHANNELS
+            )
+            frozen_names = {n for n, _ in net.named_parameters() if transfer.freeze and n.startswith(tuple(transfer.freeze))}
+            if checkpoint is None:
+                append_log(run_dir, f"initialised {transfer_report.loaded}/{transfer_report.expected} tensors ({transfer_report.share:.0%}) "
+                                    f"from {transfer.checkpoint} (sha256 {transfer_report.sha256[:12]})")
 
         net.to(device)
         if policy.channels_last:
             net = net.to(memory_format=torch.channels_last_3d)
-        optimizer = build_optimizer(net.parameters(), recipe)
+        groups = parameter_groups(net, loaded_names, transfer.lr_loaded, recipe.optimizer.lr) if transfer_report else net.parameters()
+        optimizer = build_optimizer(groups, recipe)
         scaler = torch.amp.GradScaler("cuda", enabled=policy.grad_scaler)
         loss_fn = build_loss(recipe.loss).to(device)
         if checkpoint is not None:
@@ -422,7 +438,7 @@ class MonaiTrainable:
             append_log(run_dir, f"resumed from {checkpoint_path} at epoch {state.epoch}")
         model = torch.compile(net) if policy.compile else net
 
-        from bench.models.inference import MirroredSoftmax
+        from bench.inference import MirroredSoftmax
 
         validator = MirroredSoftmax(net)  # no TTA during training: cheaper, and consistent across epochs
         encoder_params = [p for name, p in net.named_parameters() if encoder_prefixes and name.startswith(encoder_prefixes)]
@@ -438,10 +454,13 @@ class MonaiTrainable:
                 epoch = state.epoch
                 lr = lr_at(epoch, plan.epochs, recipe)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
-                frozen = epoch < recipe.transfer.freeze_encoder_epochs
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: transfer.lr_loaded of the loaded tensors
+                frozen = epoch < transfer.freeze_encoder_epochs
                 for p in encoder_params:
                     p.requires_grad_(not frozen)
+                for name, p in net.named_parameters():  # transfer.freeze: frozen for the whole training
+                    if name in frozen_names:
+                        p.requires_grad_(False)
                 torch.manual_seed(recipe.seed * 100_003 + epoch)
                 model.train()
                 epoch_start = time.perf_counter()
@@ -528,6 +547,8 @@ class MonaiTrainable:
             "selection": "best validation Dice" if use_best else "last epoch",
             "target_spacing": list(preprocessing.target_spacing) if preprocessing.target_spacing else None,
         }
+        if transfer_report is not None:
+            training_record["transfer"] = transfer_report.to_dict()
         bundle = ModelBundle(
             network_name=recipe.network.name,
             network_params=network_params,

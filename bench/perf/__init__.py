@@ -9,7 +9,8 @@ unit tests.
 - :mod:`bench.perf.harness`: the harness's own per-case overhead beyond the predictor's time.
 - :mod:`bench.models.perf`: training and inference speed of every entrant beside nnU-Net's predictor.
 - :mod:`bench.gpu_check`: the GPU check.
-- :mod:`bench.app.perf`: server time of the app's leaderboard page.
+- :mod:`bench.perf.fill`: synthetic results databases (tests, demos) and the leaderboard's and the app
+  page's timings (:mod:`bench.app.perf` holds the Streamlit half).
 """
 
 from bench.perf.common import median_cpu_ms, print_frame, single_thread

@@ -163,8 +163,14 @@ class _SlidingWindowFields(_NeedsPreprocessedInputs):
     sigma_scale: float = Field(0.125, gt=0.0, le=1.0)
     #: Applied to the network output: ``sigmoid`` or ``softmax`` over logits, ``none`` for probabilities.
     activation: Literal["sigmoid", "softmax", "none"] = "sigmoid"
-    #: Output channel holding the lesion probability (negative counts from the end).
+    #: Output channel holding the lesion probability (negative counts from the end); with an
+    #: ``uncertainty_channel`` it indexes the channels left once that one is taken out.
     lesion_channel: int = -1
+    #: Output channel holding a voxel uncertainty, not a class: the population variance of the lesion
+    #: probability over the flip-TTA copies, in [0, 0.25] (recorded as ``tta-variance``; exported MONAI
+    #: folds with mirroring have it as their last channel, ``-1``). Taken out before ``activation`` and
+    #: ``lesion_channel``. ``None``: every channel is a class (uploaded models, unless they say otherwise).
+    uncertainty_channel: int | None = None
     #: Probability above which a voxel is lesion.
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     sw_batch_size: PositiveInt = 1

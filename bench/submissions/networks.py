@@ -5,7 +5,10 @@ inference (Gaussian blending by default), mapped back to the native grid with
 :meth:`~bench.preprocess.PreprocessedCase.to_native` and thresholded there. Only the way the network is
 loaded differs. :meth:`SlidingWindowPredictor.predict_with_probability` returns the mask and the native
 probability it was thresholded from, of one forward pass: every network kind and every exported
-MONAI fold therefore gives a probability map.
+MONAI fold therefore gives a probability map. When the manifest names an ``uncertainty_channel`` (an
+exported MONAI fold with flip TTA), that channel is split off the blended output before the
+probability is read, mapped to the native grid like the probability
+(:func:`bench.inference.native_uncertainty`) and returned with source ``tta-variance``.
 
 MONAI bundles are untrusted configuration: their ``$`` expressions are Python evaluated by
 ``ConfigParser``, ``%`` macros pull in other files, and ``_target_`` can name any callable. Unless the
@@ -31,6 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from bench.data.dataset import Case
     from bench.submissions.core import PredictorOptions, Submission
 
+#: The ``uncertainty_source`` of a manifest's ``uncertainty_channel`` (:data:`bench.uncertainty.UNCERTAINTY_SOURCES`).
+TTA_VARIANCE_SOURCE = "tta-variance"
 #: Module whose classes a bundle's network definition may instantiate without ``--trust-code``.
 SAFE_TARGET_MODULE = "monai.networks.nets"
 _REFERENCE = re.compile(r"@([A-Za-z0-9_\-.]+)")
@@ -68,25 +73,38 @@ class SlidingWindowPredictor:
         return self._predict(case)[1]
 
     def predict_with_probability(self, case: "Case") -> Any:
-        """Mask and probability of one forward pass (the worker's entry; :mod:`bench.submissions.guard`)."""
+        """Mask, probability and (with an ``uncertainty_channel``) the flip-TTA variance, all on the native
+        grid, of one forward pass (the worker's entry; :mod:`bench.submissions.guard`)."""
         from bench.submissions.guard import Prediction
 
-        probability, mask = self._predict(case)
-        return Prediction(mask, probability)
+        probability, mask, variance = self._predict(case)
+        if variance is None:
+            return Prediction(mask, probability)
+        return Prediction(mask, probability, variance, TTA_VARIANCE_SOURCE)
 
-    def _predict(self, case: "Case") -> tuple[np.ndarray, np.ndarray]:
-        from bench.inference import OutputError, lesion_probability, native_mask, window_output
+    def _predict(self, case: "Case") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(probability, mask, variance or None)`` on the native grid. The manifest's ``uncertainty_channel``
+        is split off the blended output first; the rest is read exactly as without it."""
+        from bench.inference import (OutputError, lesion_probability, native_mask, native_uncertainty, split_uncertainty_channel,
+                                     tta_variance, window_output)
         from bench.submissions.core import InvalidPrediction
 
         m = self.manifest
         prepared = preprocess(case, self.preprocessing, self.cache_dir, with_label=False)
         output = window_output(self.forward, prepared.image, self.windows, self.device)
+        spatial = prepared.image.shape[1:]
+        variance = None
         try:
-            probability = lesion_probability(output, prepared.image.shape[1:], m.activation, m.lesion_channel)
+            if m.uncertainty_channel is not None:
+                variance = tta_variance(output, spatial, m.uncertainty_channel)
+                output = split_uncertainty_channel(output, m.uncertainty_channel)[0]
+            probability = lesion_probability(output, spatial, m.activation, m.lesion_channel)
         except OutputError as exc:
             raise InvalidPrediction(case.case_id, str(exc), "the network must map (N, C, z, y, x) to (N, K, z, y, x) with the same "
-                                    "spatial size, and lesion_channel in submission.yaml must index its lesion output") from None
-        return native_mask(prepared, probability, m.threshold)
+                                    "spatial size, and lesion_channel (and uncertainty_channel) in submission.yaml must index its "
+                                    "lesion output (and its variance output)") from None
+        probability, mask = native_mask(prepared, probability, m.threshold)
+        return probability, mask, None if variance is None else native_uncertainty(prepared, variance)
 
 
 def load_torchscript(path: Path, device: str) -> Callable[["torch.Tensor"], "torch.Tensor"]:

@@ -23,7 +23,7 @@ something else wrote on the channel: the worker is killed and the case fails wit
 :class:`~bench.submissions.core.PredictionCrash`. The prediction itself comes back as an ``.npy`` file,
 opened without following links and no larger than a mask of the case's shape can be; the probability,
 when the reply announces one, as a second ``.npy`` of ``uint8`` levels read with the same checks and a
-cap of one byte a voxel.
+cap of one byte a voxel; a voxel uncertainty (the reply names its source) likewise as a third.
 
 Failures on a case raise a :class:`~bench.submissions.core.PredictionError` subclass (timeout, crash,
 invalid output, missing prediction, sandbox unavailable) carrying the case id, a message and a fix, so
@@ -336,21 +336,28 @@ class _Worker:
     # -- one case ------------------------------------------------------------------------------------
 
     def predict(self, case: "Case", *, hidden: list[Path], shape: tuple[int, ...]) -> dict[str, Any]:
-        """``{"mask": array, "probability": uint8 array or None}`` as read back (the guard checks them)."""
+        """``{"mask": array, "probability": uint8 array or None, "uncertainty": uint8 array or None,
+        "uncertainty_source": str or None}`` as read back (the guard checks them)."""
         if self.sandbox is not None:
             self.sandbox.check_hidden(hidden, case.case_id)  # before any model code runs with these mounts
         if self.process is None or self.process.poll() is not None:
             self._start(case.case_id)
         self._count += 1
-        names = (f"prediction-{self._count}.npy", f"probability-{self._count}.npy")
+        names = (f"prediction-{self._count}.npy", f"probability-{self._count}.npy", f"uncertainty-{self._count}.npy")
         out_dir = SANDBOX_OUT if self.sandbox is not None else self.layout.out
         image_paths = [str(p) for p in self._stage(case)] if self.sandbox is not None else None
-        request = {"case": case_to_json(case, image_paths), "output": str(out_dir / names[0]), "probability_output": str(out_dir / names[1])}
+        request = {"case": case_to_json(case, image_paths), "output": str(out_dir / names[0]), "probability_output": str(out_dir / names[1]),
+                   "uncertainty_output": str(out_dir / names[2])}
         try:
             reply = self._exchange(request, case.case_id, f"no prediction within the time limit of {self.time_limit_s:g} s")
             mask = self._read_prediction(names[0], case.case_id, _npy_size_cap(shape))
             probability = self._read_prediction(names[1], case.case_id, _npy_size_cap(shape, 1), "probability") if reply.get("probability") else None
-            return {"mask": mask, "probability": probability}
+            source = reply.get("uncertainty")  # the source name (the guard checks it), when a third file was written
+            uncertainty = self._read_prediction(names[2], case.case_id, _npy_size_cap(shape, 1), "uncertainty") if source is not None else None
+            if uncertainty is not None and uncertainty.dtype != np.uint8:
+                raise InvalidPrediction(case.case_id, f"the model's uncertainty came back as {uncertainty.dtype}, not uint8 levels",
+                                        "return the uncertainty as a float numpy array (the worker sends its uint8 levels)")
+            return {"mask": mask, "probability": probability, "uncertainty": uncertainty, "uncertainty_source": source}
         finally:
             if self.sandbox is not None:
                 clear_inputs(self.layout.inputs)
@@ -525,7 +532,8 @@ def _parse_reply(line: bytes, nonce: str) -> dict[str, Any]:
         raise _ChannelViolation("JSON that is not a reply")
     if reply.get("nonce") != nonce:
         raise _ChannelViolation("a reply to another request (wrong nonce)")
-    if not all(isinstance(reply.get(key, ""), str) for key in ("error", "message", "fix")) or not isinstance(reply.get("probability", False), bool):
+    if (not all(isinstance(reply.get(key, ""), str) for key in ("error", "message", "fix")) or not isinstance(reply.get("probability", False), bool)
+            or not isinstance(reply.get("uncertainty", ""), str) or len(reply.get("uncertainty", "")) > 64):
         raise _ChannelViolation("a reply with malformed fields")
     return reply
 

@@ -19,11 +19,14 @@ never counts against a model's time limit). Every request carries a ``nonce`` th
 ``{"nonce": ..., "submission": folder, "options": {...}}`` loads the model;
 ``{"nonce": ..., "train": {...}}`` trains one fold and exports it (:func:`bench.submissions.training.fit_and_export`,
 replied with ``{"nonce": ..., "ok": true, "budget": ...}``);
-``{"nonce": ..., "case": {...}, "output": path.npy, "probability_output": path.npy}`` predicts one case
+``{"nonce": ..., "case": {...}, "output": path.npy, "probability_output": path.npy, "uncertainty_output": path.npy}`` predicts one case
 and saves the mask to ``output`` and, when the model returns a lesion probability map
 (:mod:`bench.submissions.guard`), its ``uint8`` levels (:func:`bench.calibration.quantize`; NaN and values
-outside [0, 1] are refused here) to ``probability_output``. Replies are ``{"nonce": ..., "ok": true}``
-(with ``"probability": true`` when the second file was written) or ``{"nonce": ..., "ok": false,
+outside [0, 1] are refused here) to ``probability_output``; with a probability, a voxel uncertainty the
+model returned (``"uncertainty"``, its ``"uncertainty_source"``) as ``uint8`` levels over its source's range
+(:func:`bench.uncertainty.quantize_uncertainty`; NaN, negative and out-of-range values are refused here)
+to ``uncertainty_output``. Replies are ``{"nonce": ..., "ok": true}`` (with ``"probability": true`` when
+the second file was written, and ``"uncertainty": source`` when the third was) or ``{"nonce": ..., "ok": false,
 "error": class name, "message": ..., "fix": ...}``, messages cut to :data:`MAX_MESSAGE_CHARS`.
 
 CPU time. The parent sets ``RLIMIT_CPU``'s soft limit to the per-case budget before the worker starts;
@@ -94,7 +97,7 @@ def serve(requests: TextIO, replies: _Replies) -> None:
     import numpy as np
 
     from bench.submissions.core import PredictionError, PredictorOptions, load_submission
-    from bench.submissions.guard import model_output, probability_levels, split_output
+    from bench.submissions.guard import model_output, probability_levels, split_prediction, uncertainty_levels, uncertainty_source_name
     from bench.submissions.kinds import KIND_LOADERS
     from bench.submissions.predictors import case_from_json, describe_exception
 
@@ -118,7 +121,8 @@ def serve(requests: TextIO, replies: _Replies) -> None:
                 replies.send(nonce=nonce, ok=True)
                 continue
             case = case_from_json(request["case"])
-            mask, probability = split_output(model_output(model, case), case.case_id)
+            raw = split_prediction(model_output(model, case), case.case_id)
+            mask, probability = raw.mask, raw.probability
             if not isinstance(mask, np.ndarray):
                 replies.send(nonce=nonce, ok=False, error="InvalidPrediction",
                              message=f"the model returned {type(mask).__name__}, expected a numpy array",
@@ -128,10 +132,18 @@ def serve(requests: TextIO, replies: _Replies) -> None:
                 replies.send(nonce=nonce, ok=False, error="InvalidPrediction", message="the model returned an object array",
                              fix="return a boolean or numeric numpy array")
                 continue
+            if probability is None and raw.uncertainty is not None:
+                replies.send(nonce=nonce, ok=False, error="InvalidPrediction", message="the model returned an uncertainty without a probability map",
+                             fix="return the lesion probability with it: the uncertainty is scored with the probability's map")
+                continue
+            uncertainty = None  # the source name, when a third file is written
             if probability is not None:  # uint8 levels: a quarter of float32 on the way back, and what is stored
                 np.save(request["probability_output"], probability_levels(probability, case.case_id), allow_pickle=False)
+                if raw.uncertainty is not None:
+                    uncertainty = uncertainty_source_name(raw.uncertainty_source, case.case_id)
+                    np.save(request["uncertainty_output"], uncertainty_levels(raw.uncertainty, uncertainty, case.case_id), allow_pickle=False)
             np.save(request["output"], mask, allow_pickle=False)
-            replies.send(nonce=nonce, ok=True, probability=probability is not None)
+            replies.send(nonce=nonce, ok=True, probability=probability is not None, **({"uncertainty": uncertainty} if uncertainty else {}))
         except PredictionError as exc:
             replies.send(nonce=nonce, ok=False, error=type(exc).__name__, message=exc.message, fix=exc.fix)
         except BaseException as exc:  # the model's own errors, SystemExit included

@@ -17,6 +17,7 @@ inside                          host                                            
 ``/model``                      the fold's model folder (``results/runs/<run>/models/<fold>``)     rw
 ``/cache``                      a view of the preprocessing cache with this fold's cases only      rw
 ``/submission``                 the submission folder (its recipe and any files it names)          ro
+``/results/pretrain/<id>``      the ``bench pretrain`` runs the recipe names by id, nothing else   ro
 ``/work``, ``/tmp``             private, as for prediction                                         rw
 ==============================  =================================================================  ====
 
@@ -39,7 +40,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Sequence
 
 from bench.submissions.sandbox import (
@@ -67,6 +68,11 @@ EXPORT_FOLDER = "submission"
 TRAINING_LIMITS = Limits(memory_mb=32768, cpu_s=30 * 24 * 3600, file_size_mb=8192, open_files=8192)
 #: Wall-clock limit of one fold's training.
 TRAINING_TIME_LIMIT_S = 72 * 3600.0
+#: Where the pretrain runs a recipe names by id appear inside (``/results/pretrain/<id>``, read-only).
+SANDBOX_RESULTS = PurePosixPath("/results")
+#: Sub-folder of a results folder holding ``bench pretrain`` runs (:data:`bench.models.transfer.PRETRAIN_FOLDER`).
+PRETRAIN_FOLDER = "pretrain"
+_RUN_ID = re.compile(r"^[0-9a-f]{16}$")
 #: Cache entries that may come back from a training sandbox: ``<preprocessing id>/<case id>.<hash>.npz``.
 _CACHE_ENTRY = re.compile(r"^(?P<case>[A-Za-z0-9][A-Za-z0-9_.-]*)\.[0-9a-f]{8,128}\.npz$")
 
@@ -90,17 +96,20 @@ def train_fold(
     cache_dir: Path | None = None,
     sandbox: bool = True,
     secrets: Sequence[Path] = (),
+    results_dir: Path | None = None,
     label: str = "training",
 ) -> TrainedFold:
     """Fit and export one fold (see the module docstring); ``secrets`` are folders the fit must not see
-    (the results folder, the dataset root), checked against the sandbox's mounts before it starts."""
+    (the results folder, the dataset root), checked against the sandbox's mounts before it starts.
+    ``results_dir`` is where ``bench pretrain`` runs that the recipe names by id are found."""
     model_dir = Path(model_dir).resolve()
     model_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     cases = [*train_cases, *val_cases]
     request = {"submission": str(submission.path.resolve()), "schedule": schedule, "model_dir": str(model_dir),
                "cache_dir": str(cache_dir) if cache_dir is not None else None,
-               "cases": [_case_json(c) for c in cases], "val_ids": [c.case_id for c in val_cases]}
+               "cases": [_case_json(c) for c in cases], "val_ids": [c.case_id for c in val_cases],
+               "results_dir": str(Path(results_dir).resolve()) if results_dir is not None else None}
     if sandbox:
         reply = _fit_in_sandbox(submission, request, cases, secrets=[*secrets, *_dataset_folders(cases)], label=label)
     else:
@@ -113,6 +122,8 @@ def fit_and_export(request: dict[str, Any]) -> dict[str, Any]:
     from bench.submissions.core import load_submission
     from bench.submissions.kinds import KIND_LOADERS
 
+    if request.get("results_dir"):  # where the trainers look up pretrain run ids (bench.models.transfer)
+        os.environ["HIE_BENCH_RESULTS_DIR"] = request["results_dir"]
     submission = load_submission(request["submission"])
     cases = {c.case_id: c for c in map(_case_from_json, request["cases"])}
     val_ids = set(request["val_ids"])
@@ -163,13 +174,38 @@ def training_sandbox(submission: "Submission", request: dict[str, Any], layout: 
     the fold's cases staged into ``layout``, paths rewritten to ``/train``, ``/model``, ``/cache``."""
     train_root = layout.root / "train"
     inside = {**request, "cases": _stage_cases(request["cases"], train_root), "submission": str(SANDBOX_SUBMISSION),
-              "model_dir": str(SANDBOX_MODEL), "cache_dir": str(SANDBOX_CACHE) if cache_view is not None else None}
+              "model_dir": str(SANDBOX_MODEL), "cache_dir": str(SANDBOX_CACHE) if cache_view is not None else None,
+              "results_dir": str(SANDBOX_RESULTS)}
     extra = [(train_root, SANDBOX_TRAIN, False), (Path(request["model_dir"]), SANDBOX_MODEL, True)]
+    extra += [(folder, SANDBOX_RESULTS / PRETRAIN_FOLDER / folder.name, False)
+              for folder in pretrain_folders(submission.manifest.recipe, request.get("results_dir"))]
     if cache_view is not None:
         extra.append((cache_view, SANDBOX_CACHE, True))
     config = SandboxConfig(layout=layout, submission_dir=submission.path.resolve(), limits=TRAINING_LIMITS,
                            gpu=wants_gpu("auto"), extra=tuple(extra))
     return config, inside
+
+
+def pretrain_folders(recipe: Any, results_dir: str | Path | None) -> list[Path]:
+    """The ``<results>/pretrain/<run id>`` folders of the pretrain runs a recipe names by id (any
+    ``checkpoint`` value of 16 hex digits, at any depth: the recipe's and its schedules' transfer blocks);
+    only these, never the rest of the results folder, are mounted into the training sandbox."""
+    if results_dir is None:
+        return []
+    found: list[Path] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "checkpoint" and isinstance(item, str) and _RUN_ID.match(item):
+                    found.append(Path(results_dir) / PRETRAIN_FOLDER / item)
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(recipe)
+    return sorted({f for f in found if f.is_dir() and not f.is_symlink()})
 
 
 def _stage_cases(cases: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]:

@@ -44,16 +44,25 @@ INSET_SHARE = 0.5
 
 
 @st.cache_resource(max_entries=8, show_spinner="Reading the probability map…")
-def _heat_maps(probability_path: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The stored probability of a case and its entropy, read once (shared read-only by sessions)."""
-    probability = viewer.load_probability(probability_path, shape)
-    return {} if probability is None else {"probability": probability, "uncertainty": viewer.entropy_map(probability)}
+def _heat_maps(probability_path: str, display: tuple) -> dict[str, np.ndarray]:
+    """The stored probability of a case and its entropy in display orientation, read once (shared read-only by sessions)."""
+    from bench.data.figures import DisplayTransform
+
+    return viewer.display_heat_maps(probability_path, DisplayTransform(*display))
 
 
 @st.cache_resource(max_entries=16, show_spinner="Computing integrated gradients (a few seconds on a CPU)…")
 def _saliency(run_folder: str, root: str, case_id: str, prediction_path: str, lesion_id: int) -> tuple[np.ndarray, dict]:
-    prediction = viewer.load_case_volumes(root, case_id, prediction_path).prediction
-    return viewer.saliency_map(run_folder, root, case_id, prediction, lesion_id)
+    """Saliency of one predicted lesion, computed on the native grid and returned in display orientation."""
+    return viewer.display_saliency(run_folder, root, case_id, ui.case_view(root, case_id, prediction_path).volumes, lesion_id)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _centroids(url: str, version: str, run_id: str, case_id: str) -> pd.DataFrame:
+    """Stored lesion centroids of one case (native voxel indices), to place them in the display orientation."""
+    lesions = ui.get_store(url).lesion_frame(run_ids=[run_id], latest_only=False)
+    lesions = lesions[lesions["case_id"].astype(str) == case_id]
+    return lesions[["kind", "lesion_id", "centroid_z", "centroid_y", "centroid_x"]].reset_index(drop=True)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -147,6 +156,11 @@ else:
             st.info("The prediction file of this case is not available: showing the reference lesions only (as false negatives).")
 
 lesions = ui.case_lesions(ctx.url, ctx.version, str(row["run_id"]), case_id)
+if view is not None and view.volumes.display is not None and not view.volumes.display.is_identity:
+    # Stored centroids are native voxel indices: the slice is shown in the display orientation's numbering.
+    needs_xy = view.volumes.display.axes[0] != 0
+    lesions = viewer.display_lesion_slices(lesions, _centroids(ctx.url, ctx.version, str(row["run_id"]), case_id) if needs_xy else None,
+                                           view.volumes.display)
 
 if view is not None:
     n_slices = view.volumes.n_slices
@@ -163,7 +177,7 @@ if view is not None:
             st.session_state[slice_key] = min(max(target, 0), n_slices - 1) + 1
 
     controls = st.columns([5, 1, 1, 1, 1], vertical_alignment="bottom")
-    controls[0].slider("Slice", 1, n_slices, key=slice_key, help="Axial slice, counted from 1 (array axis 0).")
+    controls[0].slider("Slice", 1, n_slices, key=slice_key, help="Axial slice in radiological orientation (LPS: slice 1 is the most inferior), counted from 1.")
     controls[1].button("◀ lesion", on_click=_jump, args=(reference_centres, -1), disabled=not reference_centres, key="prev_lesion", width="stretch")
     controls[2].button("lesion ▶", on_click=_jump, args=(reference_centres, +1), disabled=not reference_centres, key="next_lesion", width="stretch")
     controls[3].button("◀ error", on_click=_jump, args=(view.error_slices, -1), disabled=not view.error_slices, key="prev_error", width="stretch")
@@ -188,7 +202,7 @@ if view is not None:
     spacing = view.volumes.spacing
     box = viewer.focus_box(view.errors)
     probability_path = row.get("probability_path") if isinstance(row.get("probability_path"), str) else None
-    heat = _heat_maps(probability_path, tuple(view.errors.shape)) if probability_path else {}
+    heat = _heat_maps(probability_path, tuple(view.volumes.display)) if probability_path and view.volumes.display is not None else {}
 
     # Saliency on demand: a trained MONAI fold can explain one of its predicted lesions.
     run_folder = viewer.saliency_run_folder(prediction_path, str(row["fold"]))

@@ -43,10 +43,17 @@ runs = card.runs
 if runs is None or runs.empty:
     st.caption("No run of this submission yet.")
 else:
-    runs = runs.assign(budget_used=runs["budget"].map(lambda b: b.get("summary", "") if isinstance(b, dict) else "does not train"))
+    def pretrained(budget) -> str:
+        """The checkpoints the run's folds started from (bench.models.transfer), from its stored budget."""
+        folds = (budget.get("folds") or {}).values() if isinstance(budget, dict) else ()
+        found = {f"{t['sha256'][:12]} ({t['share']:.0%} loaded)" for t in ((f or {}).get("transfer") for f in folds) if t}
+        return ", ".join(sorted(found)) or "–"
+
+    runs = runs.assign(budget_used=runs["budget"].map(lambda b: b.get("summary", "") if isinstance(b, dict) else "does not train"),
+                       pretrained=runs["budget"].map(pretrained))
     st.dataframe(
         runs[[c for c in ("run_id", "dataset", "protocol", "convention", "lesion_rule", "run_status", "n_cases", "n_failed", "isolation",
-                          "budget_used", "started_at", "finished_at", "device", "code_version") if c in runs]],
+                          "budget_used", "pretrained", "started_at", "finished_at", "device", "code_version") if c in runs]],
         hide_index=True,
         width="stretch",
         key="card_runs",
@@ -61,6 +68,7 @@ else:
             "lesion_rule": "lesions matched",
             "isolation": "predictions isolated by",
             "budget_used": "training budget used",
+            "pretrained": "pre-trained weights",
         },
     )
 
