@@ -35,6 +35,7 @@ def run_demo(
     folds: int = 3,
     size: str = "small",
     workers: int = 1,
+    sandbox: bool = True,
 ) -> float:
     """Run the demo; returns its wall time in seconds."""
 
@@ -63,7 +64,8 @@ def run_demo(
 
     console.rule("2. Benchmark (k-fold and leave-one-site-out)")
     specs = [
-        RunSpec(submission=submissions_root / name, dataset=data, protocol=protocol, folds=folds, schedule="cpu", results_dir=results, db_url=db_url)
+        RunSpec(submission=submissions_root / name, dataset=data, protocol=protocol, folds=folds, schedule="cpu", results_dir=results, db_url=db_url,
+                sandbox=sandbox)
         for name in submissions
         for protocol in CROSS_VALIDATION_PROTOCOLS
     ]

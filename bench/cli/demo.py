@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from bench.cli.common import UnsafeNoSandboxOption, require_sandbox
 from bench.demo import run_demo
 
 
@@ -15,6 +16,8 @@ def demo_command(
     cases: int = typer.Option(24, "--cases", min=4, help="Number of synthetic cases."),
     folds: int = typer.Option(3, "--folds", min=2, help="k of the k-fold protocol."),
     workers: int = typer.Option(1, "--workers", min=1, help="Fold units run in parallel."),
+    unsafe_no_sandbox: bool = UnsafeNoSandboxOption,
 ) -> None:
     """Run the whole benchmark on a synthetic cohort: data, training, scoring, leaderboard."""
-    run_demo(data, results, cases=cases, folds=folds, workers=workers)
+    require_sandbox(unsafe_no_sandbox)
+    run_demo(data, results, cases=cases, folds=folds, workers=workers, sandbox=not unsafe_no_sandbox)
