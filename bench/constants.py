@@ -34,3 +34,7 @@ DEFAULT_SCHEDULE = "auto"
 #: Status of a stored case row.
 CASE_OK = "ok"
 CASE_FAILED = "failed"
+
+#: Share of each fold's training cases an entrant trains on by default (``bench run --train-fraction``
+#: runs learning curves below it). Leaderboards show runs at this fraction unless asked otherwise.
+FULL_TRAINING = 1.0

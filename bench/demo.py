@@ -24,6 +24,17 @@ from pathlib import Path
 DEMO_SUBMISSIONS: tuple[str, ...] = ("zadc-threshold", "zadc-logreg", "unet-monai", "unet-monai-pretrained", "nnunet-baseline")
 
 
+#: Width of the section rules: the console is wider when piped (full-width tables), the rules need not be.
+RULE_WIDTH = 100
+
+
+def section(console, title: str) -> None:
+    """A titled rule of at most :data:`RULE_WIDTH` columns."""
+    from rich.rule import Rule
+
+    console.print(Rule(title), width=min(console.width, RULE_WIDTH))
+
+
 def run_demo(
     data: Path,
     results: Path,
@@ -34,10 +45,10 @@ def run_demo(
     sites: int = 4,
     folds: int = 3,
     size: str = "small",
-    workers: int = 1,
+    workers: int = 0,
     sandbox: bool = True,
 ) -> float:
-    """Run the demo; returns its wall time in seconds."""
+    """Run the demo; returns its wall time in seconds. ``workers=0``: :func:`bench.device.default_workers`."""
 
     from bench.data.dataset import Dataset
     from bench.data.synth import generate_synthetic_dataset
@@ -51,7 +62,7 @@ def run_demo(
     results.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{(results / 'bench.db').as_posix()}"
 
-    console.rule("1. Synthetic multi-site dataset")
+    section(console, "1. Synthetic multi-site dataset")
     if (data / "dataset.json").is_file():
         dataset = Dataset.load(data)
         console.print(f"reusing {data} ({len(dataset)} cases, sites {', '.join(dataset.sites)})")
@@ -62,7 +73,7 @@ def run_demo(
         dataset = generate_synthetic_dataset(data, cases=cases, sites=sites, seed=0, size=size, folds=folds)
         console.print(f"generated {data}: {len(dataset)} cases, sites {', '.join(dataset.sites)} in {time.perf_counter() - t0:.1f} s")
 
-    console.rule("2. Benchmark (k-fold and leave-one-site-out)")
+    section(console, "2. Benchmark (k-fold and leave-one-site-out)")
     specs = [
         RunSpec(submission=submissions_root / name, dataset=data, protocol=protocol, folds=folds, schedule="cpu", results_dir=results, db_url=db_url,
                 sandbox=sandbox)
@@ -72,11 +83,13 @@ def run_demo(
 
     def report(result) -> None:
         note = f", trained in {result.train_s:.0f} s" if result.train_s else ""
-        console.print(f"  {result.fold:<14} scored {result.scored:>3}, failed {result.failed}, already stored {result.skipped}{note}")
+        console.print(f"  {result.submission:<22} {result.fold:<14} scored {result.scored:>3}, failed {result.failed}, already stored {result.skipped}{note}")
 
-    run_benchmark(specs, workers=workers, on_result=report)
+    from bench.device import default_workers
 
-    console.rule("3. Leaderboards")
+    run_benchmark(specs, workers=workers or default_workers(), on_result=report)
+
+    section(console, "3. Leaderboards")
     from bench.store import Store
 
     store = Store.from_url(db_url)
@@ -85,7 +98,7 @@ def run_demo(
         render_leaderboard(table, ("dice", "hd95", "nsd", "lesion_f1"), console=console)
 
     elapsed = time.perf_counter() - started
-    console.rule("Next")
+    section(console, "Next")
     console.print(f"Demo finished in {elapsed:.0f} s. Results database: {results / 'bench.db'}")
     console.print("Open the web app:   [bold]make app[/bold]   (= HIE_BENCH_RESULTS_DIR=" + str(results) + " .venv/bin/streamlit run app.py)")
     console.print("Queue runs from the app's Submit page and process them with:   HIE_BENCH_RESULTS_DIR=" + str(results) + " .venv/bin/bench worker")

@@ -52,6 +52,8 @@ __all__ = [
     "schedule_for",
     "torch_facts",
     "worker_environment",
+    "worker_thread_environment",
+    "default_workers",
 ]
 
 #: Seconds the subprocess probe may take before the machine is treated as having no usable GPU.
@@ -323,6 +325,39 @@ def worker_environment(worker_index: int, n_gpus: int, *, visible: str | None = 
     if not ids:
         return {}
     return {"CUDA_VISIBLE_DEVICES": ids[worker_index % len(ids)]}
+
+
+#: Thread-count variables of the math libraries torch and numpy use (OpenMP, MKL, OpenBLAS).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+#: Most parallel fold units ``default_workers`` picks: beyond this, memory (about 1-2 GB per CPU training)
+#: rather than cores becomes the limit on a small machine.
+MAX_DEFAULT_WORKERS = 4
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container or ``taskset`` narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Parallel fold units for a CPU run on this machine: one per CPU, at most :data:`MAX_DEFAULT_WORKERS`."""
+    return max(1, min(MAX_DEFAULT_WORKERS, available_cpus()))
+
+
+def worker_thread_environment(workers: int, *, cpus: int | None = None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Thread counts for one of ``workers`` parallel worker processes on this machine's CPUs.
+
+    Each worker gets ``cpus // workers`` threads (at least one), so that ``workers`` processes never ask
+    for more threads than there are cores: small 3D convolutions scale poorly over threads, and two
+    one-thread trainings on two cores run about twice as fast as two two-thread ones fighting over them.
+    Variables the user already set are left alone. Must be applied before the worker imports torch.
+    """
+    environ = os.environ if environ is None else environ
+    cpus = cpus if cpus is not None else available_cpus()
+    threads = str(max(1, cpus // max(1, workers)))
+    return {name: threads for name in THREAD_VARIABLES if name not in environ}
 
 
 @functools.lru_cache(maxsize=1)

@@ -119,6 +119,8 @@ class UnitResult:
     wall_s: float = 0.0
     peak_memory_mb: float = 0.0
     error: str = ""
+    #: The submission's folder name (set by :func:`_execute`), for progress lines of parallel runs.
+    submission: str = ""
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,9 @@ class FoldUnit:
     spec: RunSpec
     run_id: str
     fold: Fold
+    #: Expected relative cost, for ordering units over parallel workers (:func:`longest_first`):
+    #: 0 scores a fixed model, 1 trains first, 2 trains nnU-Net (planning, internal folds, ensemble).
+    cost: int = 0
 
     def execute(self) -> UnitResult:
         from bench.store import Store
@@ -381,7 +386,7 @@ def _execute(unit: FoldUnit) -> UnitResult:
         result = UnitResult(unit.run_id, unit.fold.name, error=traceback.format_exc(limit=5))
     finally:
         store.dispose()
-    return replace(result, wall_s=time.perf_counter() - started, peak_memory_mb=peak_memory_mb())
+    return replace(result, wall_s=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(), submission=unit.spec.submission.name)
 
 
 @dataclass
@@ -403,6 +408,8 @@ class LocalExecutor:
                 if on_result:
                     on_result(results[-1])
             return results
+        from concurrent.futures import as_completed
+
         from bench.device import torch_facts
 
         # spawn, not fork: torch and SQLAlchemy engines must not be inherited by children.
@@ -411,19 +418,30 @@ class LocalExecutor:
         for index in range(self.workers):
             indices.put(index)
         n_gpus = len(torch_facts().gpus)
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_pin_worker, initargs=(indices, n_gpus)) as pool:
-            for result in pool.map(_execute, units):
-                results.append(result)
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_pin_worker,
+                                 initargs=(indices, n_gpus, self.workers)) as pool:
+            # longest first, so that the last long unit does not run alone while the other workers idle
+            futures = [pool.submit(_execute, unit) for unit in longest_first(units)]
+            for future in as_completed(futures):
+                results.append(future.result())
                 if on_result:
-                    on_result(result)
+                    on_result(results[-1])
         return results
 
 
-def _pin_worker(indices, n_gpus: int) -> None:
-    """Pool initializer: take this worker's index and pin it to its GPU (before anything imports torch)."""
-    from bench.device import worker_environment
+def longest_first(units: Sequence[FoldUnit]) -> list[FoldUnit]:
+    """``units`` ordered by expected cost, highest first (stable): training before scoring only,
+    nnU-Net (planning, internal folds, ensemble) before other trainers."""
+    return sorted(units, key=lambda unit: -unit.cost)
+
+
+def _pin_worker(indices, n_gpus: int, workers: int = 1) -> None:
+    """Pool initializer: take this worker's index, pin it to its GPU and its share of the CPU threads
+    (before anything imports torch)."""
+    from bench.device import worker_environment, worker_thread_environment
 
     os.environ.update(worker_environment(indices.get(), n_gpus))
+    os.environ.update(worker_thread_environment(workers))
 
 
 @dataclass(frozen=True)
@@ -493,7 +511,10 @@ def plan_run(spec: RunSpec) -> PlannedRun:
         lesion_rule=spec.lesion_rule,
         isolation=ISOLATION_SANDBOX if spec.sandbox else ISOLATION_NONE,
     )
-    return PlannedRun(identity, submission.name, tuple(FoldUnit(spec, identity, fold) for fold in folds))
+    cost = 0
+    if submission.trains:
+        cost = 2 if (submission.manifest.recipe or {}).get("trainer") == "nnunet" else 1
+    return PlannedRun(identity, submission.name, tuple(FoldUnit(spec, identity, fold, cost) for fold in folds))
 
 
 def resolve_schedule(schedule: str) -> str:

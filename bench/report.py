@@ -73,6 +73,11 @@ FP_AUROC = "uncertainty_fp_auroc"
 NOT_AVAILABLE = "not available"
 #: Columns that identify one leaderboard (rows of different groups are never ranked together).
 GROUP_COLUMNS: tuple[str, ...] = ("dataset", "dataset_version", "protocol", "convention", "lesion_rule")
+#: Why a pair of submissions is tested under a leaderboard (:func:`leaderboard_pairs`).
+PAIR_NEXT = "next rank"
+PAIR_TWIN = "pre-trained twin vs scratch"
+#: Significance level of the pair tests (Holm-corrected over the pairs of one leaderboard).
+PAIR_ALPHA = 0.05
 #: Tables ``bench export`` writes; the first three are joined with run and submission information.
 EXPORT_TABLES: tuple[str, ...] = ("case_results", "lesions", "runs", "submissions", "datasets", "dataset_cases", "artifacts", "jobs")
 
@@ -168,23 +173,74 @@ def leaderboard_table(
     read = [*metrics, *PROBABILITY_METRICS] if probabilities else metrics
     frame = store.case_results_frame(dataset=dataset, protocol=protocol, convention=convention, site=site, metrics=read, details=False,
                                      select=select, rank_metric=metrics[0])
-    table = _leaderboard_groups(store, frame, metrics, site=site, n_boot=n_boot, confidence=confidence, seed=seed, probabilities=probabilities)
-    table.attrs.update(select=select, rank_metric=metrics[0], run_ids=frame["run_id"].astype(str).unique().tolist())
+    table, pairs = _leaderboard_groups(store, frame, metrics, site=site, n_boot=n_boot, confidence=confidence, seed=seed, probabilities=probabilities)
+    table.attrs.update(select=select, rank_metric=metrics[0], run_ids=frame["run_id"].astype(str).unique().tolist(),
+                       pairs=pairs.to_dict("records"))  # records, not a frame: attrs are compared on copies
     return table
 
 
+def leaderboard_pairs(board: pd.DataFrame, cases: pd.DataFrame, metric: str, twins: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
+    """The paired tests under one leaderboard: each submission against the one ranked just below it
+    (:data:`PAIR_NEXT`), and each transfer twin against its from-scratch submission (:data:`PAIR_TWIN`,
+    ``twins`` as ``(pre-trained, scratch)`` labels: :func:`bench.models.transfer.is_transfer_twin`).
+
+    Paired Wilcoxon signed-rank tests on the per-case ``metric`` (:func:`bench.stats.pairwise_wilcoxon`,
+    failed cases at the worst value), Holm-corrected over these pairs only. Columns: ``relation`` and
+    those of the Wilcoxon table (``submission_a``, ``submission_b``, ``n``, ``mean_diff`` = a - b, ...).
+    """
+    import pandas as pd
+
+    from bench import stats
+
+    ranked = board.dropna(subset=["rank"]).sort_values("rank")["submission"].astype(str).tolist()
+    relations: dict[tuple[str, str], list[str]] = {pair: [PAIR_NEXT] for pair in zip(ranked, ranked[1:])}
+    for twin, scratch in twins:
+        if twin in ranked and scratch in ranked:
+            key = (twin, scratch) if (scratch, twin) not in relations else (scratch, twin)
+            relations.setdefault(key, []).append(PAIR_TWIN)
+    if not relations:
+        return pd.DataFrame(columns=["relation", "submission_a", "submission_b", "n", "mean_diff", "p_value", "p_holm", "better"])
+    tests = stats.pairwise_wilcoxon(cases, metric, alpha=PAIR_ALPHA, pairs=list(relations))
+    tests.insert(0, "relation", ["; ".join(relations[a, b]) for a, b in zip(tests["submission_a"], tests["submission_b"])])
+    return tests.assign(metric=metric)
+
+
+def transfer_twins(store: Store, group: pd.DataFrame) -> list[tuple[str, str]]:
+    """``(pre-trained, scratch)`` label pairs among the group's submissions (their stored manifests)."""
+    from bench.models.transfer import is_transfer_twin
+
+    labels = dict(zip(group["submission_hash"].astype(str), group["submission"].astype(str)))
+    manifests = store.submission_manifests(list(labels))
+    return [(labels[a], labels[b]) for a in manifests for b in manifests if a != b and is_transfer_twin(manifests[a], manifests[b])]
+
+
+def board_pairs(table: pd.DataFrame, key: Sequence[Any] | None = None) -> pd.DataFrame:
+    """The paired tests :func:`leaderboard_table` ran (``table.attrs["pairs"]``), of the group ``key``
+    (values of :data:`GROUP_COLUMNS`) or of every group."""
+    import pandas as pd
+
+    pairs = pd.DataFrame.from_records(table.attrs.get("pairs") or [])
+    if pairs.empty or key is None:
+        return pairs
+    mask = (pairs[list(GROUP_COLUMNS)] == pd.Series(dict(zip(GROUP_COLUMNS, key)))).all(axis=1)
+    return pairs[mask].reset_index(drop=True)
+
+
 def _leaderboard_groups(store: Store, frame: pd.DataFrame, metrics: list[str], *, site: str | None, n_boot: int, confidence: float, seed: int,
-                        probabilities: bool) -> pd.DataFrame:
+                        probabilities: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`bench.stats.leaderboard` of every group of the per-case ``frame``, with the probability
-    and budget columns, concatenated (the body of :func:`leaderboard_table`)."""
+    and budget columns, concatenated (the body of :func:`leaderboard_table`); and the groups' paired
+    tests (:func:`leaderboard_pairs`)."""
     import pandas as pd
 
     from bench import stats
 
     lesions = _uncertain_lesions(store, frame, site=site) if probabilities else None
-    tables = []
+    tables, pairs = [], []
     for key, group in frame.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         table = stats.leaderboard(group, metrics, n_boot=n_boot, confidence=confidence, seed=seed)
+        tested = leaderboard_pairs(table, group, metrics[0], transfer_twins(store, group))
+        pairs.append(tested.assign(**dict(zip(GROUP_COLUMNS, key))))
         if probabilities:
             group_lesions = None if lesions is None else lesions[lesions["run_id"].isin(group["run_id"].unique())]
             extra = probability_summary(group, group_lesions, n_boot=n_boot, confidence=confidence, seed=seed)
@@ -195,8 +251,8 @@ def _leaderboard_groups(store: Store, frame: pd.DataFrame, metrics: list[str], *
         table.insert(len(GROUP_COLUMNS), "site", site or stats.OVERALL)
         tables.append(table)
     if not tables:
-        return pd.DataFrame(columns=[*GROUP_COLUMNS, "site", "rank", "submission", "n_cases", "n_failed"])
-    return pd.concat(tables, ignore_index=True)
+        return pd.DataFrame(columns=[*GROUP_COLUMNS, "site", "rank", "submission", "n_cases", "n_failed"]), pd.DataFrame()
+    return pd.concat(tables, ignore_index=True), pd.concat(pairs, ignore_index=True)
 
 
 def _budgets(store: Store, group: pd.DataFrame) -> dict[str, str]:
@@ -534,7 +590,42 @@ def leaderboard_text(table: pd.DataFrame, metrics: Sequence[str], format: TableF
         caption = _caption(list(metrics), confidence, probabilities=bool(probability_columns(group)), selection=selection)
         caption += f" {BUDGET_HEADER}: the training budget the submission's run used ('–': it does not train)."
         blocks.append(f"### {title}\n\n{markdown_table(_board_frame(group, metrics))}\n\n{caption}\n")
+        if not (pairs := board_pairs(table, key)).empty:
+            blocks.append(f"Paired tests:\n\n{markdown_table(pairs_display(pairs))}\n\n{pairs_caption(pairs)}\n")
     return "\n".join(blocks)
+
+
+def pairs_display(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The paired tests of one leaderboard (:func:`board_pairs`) as display text, one row per pair."""
+    import pandas as pd
+
+    def verdict(row: Any) -> str:
+        return f"{row.better} better" if row.better else "no significant difference"
+
+    rows = [{"pair": f"{r.submission_a} vs {r.submission_b}", "why tested": r.relation, "n": str(int(r.n)),
+             f"mean Δ{r.metric} (a − b)": _fmt(r.mean_diff, 3), "p": f"{r.p_value:.3g}", "p (Holm)": f"{r.p_holm:.3g}", "verdict": verdict(r)}
+            for r in pairs.itertuples()]
+    return pd.DataFrame(rows)
+
+
+def pairs_caption(pairs: pd.DataFrame) -> str:
+    metric = pairs["metric"].iloc[0] if not pairs.empty else DEFAULT_METRICS[0]
+    return (f"Paired Wilcoxon signed-rank tests on per-case {metric} (two-sided; failed cases at the worst value), "
+            f"Holm-corrected over the pairs shown, α = {PAIR_ALPHA}: each submission against the next rank, "
+            "and each pre-trained twin against its from-scratch submission (same recipe but for `transfer`).")
+
+
+def _render_pairs(pairs: pd.DataFrame, console: Console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    shown = pairs_display(pairs)
+    rich_table = Table(title="Paired tests", caption=escape(pairs_caption(pairs)), caption_justify="left", title_justify="left")
+    for column in shown.columns:
+        rich_table.add_column(escape(column), justify="right" if column in ("n", "p", "p (Holm)") or column.startswith("mean") else "left")
+    for row in shown.itertuples(index=False):
+        rich_table.add_row(*(escape(str(value)) for value in row))
+    console.print(rich_table)
 
 
 def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: Console | None = None, confidence: float = 0.95) -> None:
@@ -577,6 +668,8 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
                 escape(str(row.get("budget", "–"))),
             )
         console.print(rich_table)
+        if not (pairs := board_pairs(table, key)).empty:
+            _render_pairs(pairs, console)
 
 
 def lesion_size_table(store: Store, table: pd.DataFrame) -> pd.DataFrame:

@@ -567,8 +567,10 @@ def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     return adjusted
 
 
-def pairwise_wilcoxon(frame: pd.DataFrame, metric: str, *, alpha: float = 0.05) -> pd.DataFrame:
-    """Paired Wilcoxon signed-rank tests between every two submissions, Holm-corrected.
+def pairwise_wilcoxon(frame: pd.DataFrame, metric: str, *, alpha: float = 0.05,
+                      pairs: Sequence[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Paired Wilcoxon signed-rank tests between every two submissions (or only ``pairs``, in their
+    order), Holm-corrected over the pairs tested.
 
     Pairs are the cases both submissions have a score for (failed and missing cases scored as worst,
     see :func:`score_matrix`). Two-sided, zero differences dropped (``zero_method="wilcox"``); a pair
@@ -581,7 +583,10 @@ def pairwise_wilcoxon(frame: pd.DataFrame, metric: str, *, alpha: float = 0.05) 
     matrix = score_matrix(frame, metric)
     higher = _higher_is_better(metric)
     records = []
-    for i, j in combinations(range(matrix.submissions.size), 2):
+    position = {str(name): k for k, name in enumerate(matrix.submissions)}
+    chosen = (combinations(range(matrix.submissions.size), 2) if pairs is None
+              else [(position[str(a)], position[str(b)]) for a, b in pairs if str(a) in position and str(b) in position])
+    for i, j in chosen:
         a, b = matrix.values[:, i], matrix.values[:, j]
         paired = ~(np.isnan(a) | np.isnan(b))
         diff = a[paired] - b[paired]

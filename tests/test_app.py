@@ -489,6 +489,9 @@ def test_leaderboard_page(monkeypatch: pytest.MonkeyPatch, store: Store, sample:
     assert np.allclose(table["dice ↑"], expected["dice"])
     assert any("Higher is better" in caption.value for caption in at.caption)
     assert at.get("download_button")
+    pairs = shown_table(at, "pair", "why tested")  # each rank against the next, as `bench leaderboard` prints them
+    assert len(pairs) == 2 and set(pairs["why tested"]) == {"next rank"}
+    assert any("Holm-corrected over the pairs shown" in caption.value for caption in at.caption)
 
     at.radio(key="scope_protocol").set_value("kfold").run()
     at.selectbox(key="board_metric").set_value("hd95").run()

@@ -149,6 +149,7 @@ class _Fold:
 @dataclass(frozen=True)
 class _Spec:
     db_url: str
+    submission: Path = Path("env-unit")
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class _EnvUnit:
     spec: _Spec
     run_id: str
     fold: _Fold
+    cost: int = 0
 
     def execute(self):
         from bench.harness import UnitResult
@@ -180,6 +182,22 @@ def test_local_workers_each_see_their_own_gpu(tmp_path: Path, monkeypatch: pytes
         pid, gpu = result.error.split()
         assert pinned.setdefault(pid, gpu) == gpu  # one worker, one GPU, for all its units
     assert set(pinned.values()) <= {"0", "1"} and len(set(pinned.values())) == len(pinned)
+
+
+def test_parallel_workers_share_the_cpu_threads_and_keep_what_the_user_set() -> None:
+    from bench.device import worker_thread_environment
+
+    assert worker_thread_environment(2, cpus=2, environ={}) == {name: "1" for name in device.THREAD_VARIABLES}
+    assert worker_thread_environment(4, cpus=16, environ={})["OMP_NUM_THREADS"] == "4"
+    assert worker_thread_environment(8, cpus=2, environ={})["OMP_NUM_THREADS"] == "1"  # never zero
+    assert "OMP_NUM_THREADS" not in worker_thread_environment(2, cpus=2, environ={"OMP_NUM_THREADS": "2"})
+
+
+def test_units_run_longest_first_and_stably() -> None:
+    from bench.harness import longest_first
+
+    units = [_EnvUnit(_Spec("x"), "r", _Fold(name), cost) for name, cost in (("a", 0), ("b", 1), ("c", 2), ("d", 1))]
+    assert [unit.fold.name for unit in longest_first(units)] == ["c", "b", "d", "a"]
 
 
 # -- bench doctor -------------------------------------------------------------------------------------------

@@ -179,7 +179,9 @@ def test_friction_06_leaderboard_as_csv_and_markdown(two_datasets: str) -> None:
     markdown = runner.invoke(bench_app, [*base, "--format", "markdown"])
     assert markdown.exit_code == 0, markdown.output
     rows = [line for line in markdown.output.splitlines() if line.startswith("|")]
-    assert len(rows) == 2 * (2 + 3)  # two groups: header, rule and three submissions each
+    # two groups: header, rule and three submissions each; then its paired tests: header, rule, two neighbour pairs
+    assert len(rows) == 2 * (2 + 3) + 2 * (2 + 2)
+    assert markdown.output.count("Paired tests:") == 2
     assert "| Rank | Submission |" in rows[0] and "dice ↑" in rows[0] and markdown.output.count("### HIE-Bench leaderboard") == 2
 
 

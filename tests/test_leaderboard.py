@@ -209,3 +209,31 @@ def test_text_leaderboards_carry_the_budget_and_the_convention_beside_every_numb
     assert "dice ↑ · bench" in header and "hd95 [mm] ↓ · bench" in header and header.rstrip(" |").endswith("training budget used")
     csv = invoke(cli, "leaderboard", "--db", results_db, "--protocol", "loso", "--bootstrap", "50", "--format", "csv")
     assert csv.exit_code == 0 and {"budget", "convention"} <= set(csv.output.splitlines()[0].split(","))
+
+
+def test_every_leaderboard_tests_neighbours_and_transfer_twins_in_pairs(tmp_path):
+    """Under each leaderboard: paired Wilcoxon tests of each rank against the next and of a pre-trained twin
+    (same recipe but ``transfer``) against its scratch submission, Holm-corrected over those pairs."""
+    from bench.report import PAIR_NEXT, PAIR_TWIN, board_pairs, leaderboard_text
+
+    url = f"sqlite:///{tmp_path / 'bench.db'}"
+    recipe = {"trainer": "monai", "network": {"name": "unet"}, "schedules": {"cpu": {"batch_size": 2}}}
+    twin = {**recipe, "transfer": {"checkpoint": "pretrained/w.pt", "strict": True}}
+    with Store(url) as store:
+        fill_synthetic_results(store, n_submissions=4, n_cases=N_CASES, n_sites=3, protocols=("loso",), seed=3)
+        for index, manifest_recipe in ((0, recipe), (3, twin)):  # the twin ranks first, its scratch last: not neighbours
+            store.upsert_submission(content_hash=f"synthetic-sub{index:04d}", name=f"model-{index:03d}", version="1", kind="trainable",
+                                    manifest={"name": f"model-{index:03d}", "kind": "trainable", "inputs": {"channels": ["ADC"]}, "recipe": manifest_recipe})
+        board = leaderboard_table(store, metrics=["dice"], n_boot=50)
+    pairs = board_pairs(board)
+    relations = dict(zip(zip(pairs["submission_a"], pairs["submission_b"]), pairs["relation"]))
+    assert relations == {("model-003 1", "model-002 1"): PAIR_NEXT, ("model-002 1", "model-001 1"): PAIR_NEXT,
+                         ("model-001 1", "model-000 1"): PAIR_NEXT, ("model-003 1", "model-000 1"): PAIR_TWIN}
+    assert (pairs["p_holm"] >= pairs["p_value"]).all() and (pairs["n"] == N_CASES).all()
+    twin_row = pairs[pairs["relation"] == PAIR_TWIN].iloc[0]
+    assert twin_row["mean_diff"] > 0 and twin_row["better"] == "model-003 1"
+    console = Console(width=250, record=True)
+    render_leaderboard(board, ["dice"], console=console)
+    text = console.export_text()
+    assert "Paired tests" in text and "pre-trained twin vs scratch" in text and "Holm" in text
+    assert "| model-003 1 vs model-000 1 | pre-trained twin vs scratch |" in leaderboard_text(board, ["dice"], "markdown")

@@ -292,6 +292,25 @@ def test_best_run_counts_failed_and_missing_cases_as_the_worst_value(store):
     assert dict(zip(latest["protocol"], latest["run_id"])) == {"kfold": "other-protocol", "loso": "half"}
 
 
+def test_a_learning_curve_run_never_replaces_the_full_run_on_a_leaderboard(store):
+    """``bench run --train-fraction 0.25`` after the full run: the leaderboard keeps the full run."""
+    store.upsert_dataset(make_dataset())
+    store.upsert_submission(make_submission())
+    for run_id, config in (("full", {}), ("quarter", {"train_fraction": 0.25})):
+        store.start_run(run_id=run_id, submission=make_submission(), dataset=make_dataset(), protocol="loso", config=config)
+        store.record_case_result(case_row("c000", run_id=run_id, dice=0.9 if run_id == "full" else 0.4))
+        store.finish_run(run_id)
+        time.sleep(0.01)
+    assert store.select_runs()["run_id"].tolist() == ["full"]
+    assert store.case_results_frame()["run_id"].unique().tolist() == ["full"]
+    assert store.select_runs(select="best")["run_id"].tolist() == ["full"]
+    assert store.select_runs(train_fraction=0.25)["run_id"].tolist() == ["quarter"]
+    # two scopes, not one: with the fraction filter off, each fraction keeps its own latest run
+    assert sorted(store.select_runs(train_fraction=None)["run_id"]) == ["full", "quarter"]
+    assert sorted(store.runs_frame()["run_id"]) == ["full", "quarter"], "every run is listed"
+    assert store.case_results_frame(run_ids=["quarter"])["run_id"].unique().tolist() == ["quarter"], "named runs are not filtered"
+
+
 def test_latest_is_the_run_finished_last(store):
     _scored_run(store, "started-first", [0.1], finish=False)
     _scored_run(store, "started-second", [0.2])

@@ -227,6 +227,16 @@ def leaderboard(
     return table
 
 
+def paired_tests(store: Store, frame: pd.DataFrame, board: pd.DataFrame, metric: str, *, site: str | None = None) -> pd.DataFrame:
+    """The paired tests under the scope's leaderboard ``board`` (``site``: on that site's cases):
+    each rank against the next, each pre-trained twin against its scratch submission.
+    :func:`bench.report.leaderboard_pairs`, as ``bench leaderboard`` prints them."""
+    from bench.report import leaderboard_pairs, transfer_twins
+
+    part = _plain_labels(frame if site is None else frame[frame["site"].astype(str) == site])
+    return leaderboard_pairs(board, part, metric, transfer_twins(store, part))
+
+
 def probability_board(
     store: Store, frame: pd.DataFrame, *, site: str | None = None, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> pd.DataFrame:

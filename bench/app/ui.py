@@ -186,6 +186,13 @@ def leaderboard(url: str, version: str, scope: tuple[str, str, str], metrics: tu
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
+def paired_tests(url: str, version: str, scope: tuple[str, str, str], metrics: tuple[str, ...], run_choice: str, site: str | None) -> pd.DataFrame:
+    """The paired tests under the leaderboard of these arguments (:func:`bench.app.queries.paired_tests`)."""
+    frame = case_frame(url, version, scope, metrics, run_choice, details=False)
+    return queries.paired_tests(get_store(url), frame, leaderboard(url, version, scope, metrics, run_choice, site), metrics[0], site=site)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
 def probability_board(url: str, version: str, scope: tuple[str, str, str], run_choice: str, site: str | None, n_boot: int = N_BOOT) -> pd.DataFrame:
     """Brier, ECE and the uncertainty AUROCs per submission ("not available" without probabilities)."""
     frame = case_frame(url, version, scope, ("dice",), run_choice, details=False)

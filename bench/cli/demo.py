@@ -15,7 +15,7 @@ def demo_command(
     results: Path = typer.Option(Path("results/demo"), "--results", help="Folder for predictions, models and the database."),
     cases: int = typer.Option(24, "--cases", min=4, help="Number of synthetic cases."),
     folds: int = typer.Option(3, "--folds", min=2, help="k of the k-fold protocol."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Fold units run in parallel."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Fold units run in parallel (0: one per CPU, at most 4, each with its share of the threads)."),
     unsafe_no_sandbox: bool = UnsafeNoSandboxOption,
 ) -> None:
     """Run the whole benchmark on a synthetic cohort: data, training, scoring, leaderboard."""

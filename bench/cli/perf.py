@@ -131,7 +131,7 @@ def harness_command(
 
 @app.command("sandbox")
 def sandbox_command(
-    quick: Annotated[bool, typer.Option("--quick", help="8 tiny cases: a smoke test, not the figure (that takes twice `make demo`).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="8 tiny cases and the two quick submissions: a smoke test, not the figure (that takes twice `make demo`).")] = False,
     submission: Annotated[Optional[list[str]], typer.Option("--submission", "-s", help="Demo submission to include (repeatable; default: all).")] = None,
 ) -> None:
     """The demo's benchmark with and without the sandbox (fits and predictions), in the same run."""
@@ -141,8 +141,10 @@ def sandbox_command(
     total = frame.iloc[-1]
     print_frame(
         frame,
-        f"bench perf sandbox: the demo's submissions, k-fold and leave-one-site-out, {frame.attrs['cases']} {frame.attrs['size']} cases, cpu schedule",
-        columns={"submission": "submission", "sandbox_s": "sandboxed s", "none_s": "--unsafe-no-sandbox s", "ratio": "ratio"},
+        f"bench perf sandbox: k-fold and leave-one-site-out, {frame.attrs['cases']} {frame.attrs['size']} cases, cpu schedule, "
+        f"{frame.attrs['workers']} worker(s) as in `make demo`",
+        columns={"submission": "submission (s: its units' summed wall time; total: the run's wall time)", "sandbox_s": "sandboxed s",
+                 "none_s": "--unsafe-no-sandbox s", "ratio": "ratio"},
         caption=f"Target: at most {frame.attrs['target']:.2f}x. Measured: {total['ratio']:.2f}x ({total['sandbox_s']:.0f} s against {total['none_s']:.0f} s).",
     )
 

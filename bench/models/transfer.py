@@ -434,3 +434,29 @@ class TransferBudgetUsed(_budget_class()):  # type: ignore[misc]
         if self.transfer:
             text += f", pre-trained {str(self.transfer.get('sha256', ''))[:12]} ({float(self.transfer.get('share', 0)):.0%} loaded)"
         return text
+
+
+#: Manifest fields that must be equal for two submissions to be transfer twins (besides the recipe).
+TWIN_FIELDS = ("kind", "inputs", "preprocessing")
+
+
+def _without_transfer(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """``recipe`` with every ``transfer`` declaration removed (top level and per schedule)."""
+    stripped = {key: value for key, value in recipe.items() if key != "transfer"}
+    if isinstance(stripped.get("schedules"), Mapping):
+        stripped["schedules"] = {name: {k: v for k, v in (schedule or {}).items() if k != "transfer"}
+                                 for name, schedule in stripped["schedules"].items()}
+    return stripped
+
+
+def is_transfer_twin(manifest: Mapping[str, Any], scratch: Mapping[str, Any]) -> bool:
+    """Whether ``manifest`` (a stored ``submission.yaml``) is ``scratch`` initialised from a checkpoint:
+    its recipe declares a ``transfer`` checkpoint, and everything else that trains or feeds the model
+    (the recipe without ``transfer``, :data:`TWIN_FIELDS`) is the same. Such a pair's paired test
+    measures the pre-training alone; the leaderboard shows it (:func:`bench.report.leaderboard_table`)."""
+    recipe, other = manifest.get("recipe"), scratch.get("recipe")
+    if not isinstance(recipe, Mapping) or not isinstance(other, Mapping) or manifest is scratch:
+        return False
+    if not (recipe.get("transfer") or {}).get("checkpoint") or (other.get("transfer") or {}).get("checkpoint"):
+        return False
+    return _without_transfer(recipe) == _without_transfer(other) and all(manifest.get(f) == scratch.get(f) for f in TWIN_FIELDS)

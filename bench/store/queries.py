@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from bench.constants import DEFAULT_LESION_RULE
+from bench.constants import DEFAULT_LESION_RULE, FULL_TRAINING
 from bench.metrics import METRICS
 from bench.store.schema import (
     METRIC_COLUMNS,
@@ -54,7 +54,7 @@ RUN_SELECTIONS: tuple[str, ...] = ("latest", "best")
 #: The metric ``best`` ranks runs by unless told otherwise (the first of the leaderboard's metrics).
 PRIMARY_METRIC = "dice"
 #: Columns of a run that make one scope: the runs of a submission that compete for one leaderboard row.
-RUN_SCOPE: tuple[str, ...] = ("submission_hash", "dataset_version", "protocol", "convention", "lesion_rule")
+RUN_SCOPE: tuple[str, ...] = ("submission_hash", "dataset_version", "protocol", "convention", "lesion_rule", "train_fraction")
 #: The per-run columns case_results_frame and lesion_frame attach to every row.
 RUN_INFO: tuple[str, ...] = (
     "submission", "submission_name", "submission_version", "submission_hash", "dataset", "dataset_version", "protocol", "convention", "lesion_rule",
@@ -94,6 +94,7 @@ class RunRecord:
     lesion_rule: str = DEFAULT_LESION_RULE
     isolation: str = ""
     budget: dict | None = None
+    train_fraction: float = FULL_TRAINING
 
 
 class Queries(Database):
@@ -118,15 +119,20 @@ class Queries(Database):
         select: str = "latest",
         rank_metric: str = PRIMARY_METRIC,
         latest_only: bool = True,
+        train_fraction: float | None = FULL_TRAINING,
     ) -> pd.DataFrame:
         """The runs matching the filters, one per submission and scope chosen by ``select`` (``latest``
         or ``best`` by ``rank_metric``; see the module docstring), or every one with ``latest_only=False``.
 
         Joined with their submission and dataset; sorted by submission label, protocol and run id.
-        Filters as in :meth:`case_results_frame`.
+        Filters as in :meth:`case_results_frame`. Only runs trained on ``train_fraction`` of each fold's
+        training cases (default all of them: a learning-curve run never replaces the full run on a
+        leaderboard), unless ``run_ids`` names the runs or ``train_fraction`` is ``None``.
         """
         check_choice("run selection", select, RUN_SELECTIONS)
         frame = self._matching_runs(dataset=dataset, protocol=protocol, convention=convention, run_ids=run_ids)
+        if train_fraction is not None and run_ids is None:
+            frame = frame[(frame["train_fraction"] - train_fraction).abs() < 1e-9]
         if submissions is not None:
             wanted = set(submissions)
             frame = frame[frame["submission_name"].isin(wanted) | frame["submission"].isin(wanted) | frame["submission_hash"].isin(wanted)]
@@ -159,6 +165,13 @@ class Queries(Database):
                 scores |= dict(zip(matrix.submissions, np.nanmean(matrix.values, axis=0).tolist()))
         return scores
 
+    def submission_manifests(self, content_hashes: Sequence[str]) -> dict[str, dict]:
+        """The stored manifest (``submission.yaml`` as data) of each registered submission of ``content_hashes``."""
+        table = submissions_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(table.content_hash, table.manifest).where(table.content_hash.in_(list(content_hashes)))).all()
+        return {str(h): dict(m) for h, m in rows if isinstance(m, dict)}
+
     def runs_frame(self, **filters: Any) -> pd.DataFrame:
         """Runs with their submission and dataset names and case counts (ok / failed).
 
@@ -166,6 +179,7 @@ class Queries(Database):
         (``latest_only`` defaults to ``False`` here, every run is listed, unless ``select`` is given).
         """
         filters.setdefault("latest_only", "select" in filters)
+        filters.setdefault("train_fraction", None)  # learning-curve runs are runs too
         frame = self.select_runs(**filters)
         if frame.empty:
             return frame
@@ -341,7 +355,7 @@ class Queries(Database):
                 runs.run_id, runs.submission_hash, submissions_table.c.name.label("submission_name"),
                 submissions_table.c.version.label("submission_version"), submissions_table.c.kind.label("submission_kind"),
                 datasets_table.c.name.label("dataset"), runs.dataset_version, runs.protocol, runs.convention,
-                runs.lesion_rule, runs.isolation, runs.budget, runs.preprocessing_id, runs.code_version, runs.status.label("run_status"),
+                runs.lesion_rule, runs.train_fraction, runs.isolation, runs.budget, runs.preprocessing_id, runs.code_version, runs.status.label("run_status"),
                 runs.created_at, runs.started_at, runs.finished_at, runs.device, runs.gpu_name, runs.peak_memory_mb,
             )
             .join(submissions_table, submissions_table.c.content_hash == runs.submission_hash)

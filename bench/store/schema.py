@@ -108,6 +108,9 @@ runs_table = sa.Table(
     # How predictions were isolated: "bubblewrap", or "none (--unsafe-no-sandbox)"; older runs had no sandbox.
     sa.Column("isolation", sa.String(40), nullable=False, server_default="none (before the sandbox)"),
     sa.Column("budget", sa.JSON, comment="training budget planned and used per fold (bench.models.recipe)"),
+    # Share of each fold's training cases the entrant trained on (bench run --train-fraction); 1 for
+    # every run before learning curves existed and for submissions that do not train.
+    sa.Column("train_fraction", sa.Double, nullable=False, server_default="1", comment="bench.fractions"),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("created_at", _TIME, nullable=False),
     sa.Column("started_at", _TIME, nullable=False),
@@ -304,11 +307,21 @@ class Database:
                 add_missing_columns(conn, table)
 
     def has_results(self) -> bool:
-        """Whether the database exists and has the results tables (without creating anything)."""
+        """Whether the database exists and has the results tables (creates nothing where there is none).
+
+        Every reader asks this first, so a database written by an older version gets the columns added
+        since here (:meth:`create_all`), before a query names them.
+        """
         if self._sqlite_file is not None and not self._sqlite_file.is_file():
             return False
         with self.engine.connect() as conn:
-            return sa.inspect(conn).has_table(case_results_table.name)
+            inspector = sa.inspect(conn)
+            if not inspector.has_table(case_results_table.name):
+                return False
+            outdated = any({c.name for c in table.columns} - {c["name"] for c in inspector.get_columns(table.name)} for table in _GROWING_TABLES)
+        if outdated:
+            self.create_all()
+        return True
 
     def ping(self, timeout_s: float = 3.0) -> None:
         """Check the database answers (``SELECT 1``) within about ``timeout_s``; ``StoreError`` if not.

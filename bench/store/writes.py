@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from bench.constants import DEFAULT_LESION_RULE
+from bench.constants import DEFAULT_LESION_RULE, FULL_TRAINING
 from bench.metrics import METRICS
 from bench.results import CaseResult
 from bench.store.schema import (
@@ -274,6 +274,7 @@ def _run_row(**arguments: Any) -> dict[str, Any]:
         "gpu_name": environment.get("gpu") or environment.get("gpu_name"),
         "config": json_safe(dict(arguments["config"] or {})),
         "environment": environment,
+        "train_fraction": float((arguments["config"] or {}).get("train_fraction", FULL_TRAINING)),
     }
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from bench.report import PROBABILITY_NOTE, reliability_figure
+from bench.report import PROBABILITY_NOTE, pairs_caption, pairs_display, reliability_figure
 
 from bench.app import queries, ui
 from bench.metrics import METRICS
@@ -120,6 +120,13 @@ fig = go.Figure(
 ui.plotly_layout(fig, height=max(160, 46 * len(board) + 80), showlegend=False)
 fig.update_xaxes(title=f"{metric_header(metric)} — mean with 95% CI" + (" (right is better)" if higher else " (left is better)"))
 st.plotly_chart(fig, key="board_forest")
+
+# -- paired tests: each rank against the next, pre-trained twins against their scratch submissions ---------------
+pairs = ui.paired_tests(ctx.url, ctx.version, scope, frame_metrics, runs, site)
+if not pairs.empty:
+    st.subheader("Paired tests")
+    st.dataframe(pairs_display(pairs), hide_index=True, width="stretch", key="board_pairs")
+    st.caption(pairs_caption(pairs))
 
 # -- calibration and uncertainty ------------------------------------------------------------------------------------
 st.subheader("Calibration and uncertainty")
