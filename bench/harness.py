@@ -478,6 +478,11 @@ def plan_run(spec: RunSpec) -> PlannedRun:
 
         if (transfer := transfer_identity(submission.manifest.recipe, submission.path, schedule=spec.schedule, results_dir=spec.results_dir)) is not None:
             training["transfer"] = transfer  # the checkpoint's declaration and content hash
+            from bench.models.pretrain import check_pool_disjoint, checkpoint_provenance
+            from bench.models.transfer import declared_checkpoint
+
+            _, weights = declared_checkpoint(submission.manifest.recipe, submission.path, schedule=spec.schedule, results_dir=spec.results_dir)
+            check_pool_disjoint(checkpoint_provenance(weights), dataset, weights=weights)  # never pre-trained on the benchmark's data
         if spec.train_fraction != 1.0:
             training["train_fraction"] = spec.train_fraction
         # --- end ---
@@ -578,9 +583,12 @@ def run_benchmark(
         by_run[result.run_id].append(result)
     for spec, run in zip(specs, planned):
         unit_results = by_run[run.run_id]
+        # a run none of whose cases scored is a failed run, even when every unit finished cleanly
+        nothing_scored = bool(unit_results) and not any(r.scored or r.skipped for r in unit_results)
         Store.from_url(spec.db_url).finish_run(
             run.run_id,
-            status="failed" if any(r.error for r in unit_results) else "done",
+            status="failed" if nothing_scored or any(r.error for r in unit_results) else "done",
+            error=f"every case failed ({sum(r.failed for r in unit_results)}); the case rows say why" if nothing_scored else None,
             timings={"train_s": sum(r.train_s for r in unit_results), "wall_s": sum(r.wall_s for r in unit_results)},
             peak_memory_mb=max((r.peak_memory_mb for r in unit_results), default=None),
             budget=budget_summary(unit_results),

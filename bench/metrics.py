@@ -64,6 +64,9 @@ from typing import Literal, TypeAlias
 
 import numpy as np
 
+from bench.constants import DEFAULT_CONVENTION as _DEFAULT_CONVENTION
+from bench.constants import DEFAULT_NSD_TOLERANCE_MM as _DEFAULT_NSD_TOLERANCE_MM
+
 from bench.lesionwise import (
     DEFAULT_MATCH_RULE,
     MATCH_RULES,
@@ -117,14 +120,14 @@ Spacing: TypeAlias = tuple[float, float, float]
 
 #: Conventions understood by :func:`compute_metrics`; the first is the default.
 CONVENTIONS: tuple[Convention, ...] = ("bench", "medpy", "monai", "deepmind", "bonbid2023", "bonbid2024")
-DEFAULT_CONVENTION: Convention = "bench"
+DEFAULT_CONVENTION: Convention = _DEFAULT_CONVENTION  # bench.constants: one place for the default
 #: Value of the ``empty`` key: which of the two masks has no foreground voxel.
 EMPTY_STATES: tuple[EmptyState, ...] = ("none", "both", "pred", "ref")
 #: How a surface is represented: ``boundary_voxels`` are foreground voxels with a
 #: background 6-neighbour (medpy, MONAI); ``surfels`` are voxel-corner points whose
 #: 2x2x2 neighbourhood is mixed, weighted by their surface area (surface-distance).
 SURFACE_MODELS: tuple[SurfaceModel, ...] = ("boundary_voxels", "surfels")
-DEFAULT_NSD_TOLERANCE_MM = 2.0
+DEFAULT_NSD_TOLERANCE_MM = _DEFAULT_NSD_TOLERANCE_MM  # bench.constants
 
 #: Cap applied to infinite distances when cases are aggregated (a distance is
 #: infinite when exactly one mask is empty); :func:`compute_metrics` itself returns

@@ -47,8 +47,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
@@ -56,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
-from bench.imageio import Geometry, geometry_of, read_image, to_sitk, write_text_atomic
+from bench.imageio import Geometry, atomic_output, geometry_of, read_image, to_sitk, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
@@ -239,8 +237,11 @@ class PreprocessingConfig(_Frozen):
 
     @property
     def id(self) -> str:
-        """Preprocessing id: first 12 hex digits of SHA-256 of :meth:`canonical_json`."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+        """Preprocessing id: the resolution policy, then the first 12 hex digits of SHA-256 of
+        :meth:`canonical_json` (``median-1f3a...``, ``native-...``, ``6x0.8x0.8mm-...``), so every run's
+        id names the resolution its inputs had (issue 12) and the hash tells configurations apart."""
+        digest = hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+        return f"{self.resolution.replace(' ', '')}-{digest}"
 
     @property
     def resolution(self) -> str:
@@ -745,14 +746,8 @@ def _save_cached(path: Path, result: PreprocessedCase, config: PreprocessingConf
     arrays = {"image": result.image, "brain_mask": result.brain_mask, "meta": np.array(json.dumps(meta))}
     if result.label is not None:
         arrays["label"] = result.label
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def _load_cached(path: Path, config: PreprocessingConfig) -> PreprocessedCase | None:

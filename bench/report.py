@@ -245,7 +245,9 @@ def _leaderboard_groups(store: Store, frame: pd.DataFrame, metrics: list[str], *
             group_lesions = None if lesions is None else lesions[lesions["run_id"].isin(group["run_id"].unique())]
             extra = probability_summary(group, group_lesions, n_boot=n_boot, confidence=confidence, seed=seed)
             table = table.assign(submission=table["submission"].astype(str)).merge(extra, on="submission", how="left")
-        table = table.assign(budget=table["submission"].astype(str).map(_budgets(store, group)).fillna("–"))
+        labels = table["submission"].astype(str)
+        table = table.assign(budget=labels.map(run_budgets(store, group)).fillna("–"),
+                             resolution=labels.map(run_resolutions(store, group)).fillna("–"))
         for column, value in reversed(list(zip(GROUP_COLUMNS, key))):
             table.insert(0, column, value)
         table.insert(len(GROUP_COLUMNS), "site", site or stats.OVERALL)
@@ -255,12 +257,31 @@ def _leaderboard_groups(store: Store, frame: pd.DataFrame, metrics: list[str], *
     return pd.concat(tables, ignore_index=True), pd.concat(pairs, ignore_index=True)
 
 
-def _budgets(store: Store, group: pd.DataFrame) -> dict[str, str]:
+def run_budgets(store: Store, group: pd.DataFrame) -> dict[str, str]:
     """Submission label -> the training budget its run used, in one line ("–": it does not train)."""
     runs = store.runs_frame(run_ids=group["run_id"].unique().tolist())
     if runs.empty or "budget" not in runs:
         return {}
     return {str(r.submission): (r.budget or {}).get("summary", "–") if isinstance(r.budget, dict) else "–" for r in runs.itertuples()}
+
+
+def run_resolutions(store: Store, group: pd.DataFrame) -> dict[str, str]:
+    """Submission label -> the resolution its model saw: the policy its preprocessing id names
+    (``median``, ``native``, ``6x0.8x0.8mm``; :attr:`bench.preprocess.PreprocessingConfig.id`), or
+    nnU-Net's own resampling for the nnU-Net trainer (it plans and resamples from native images)."""
+    runs = store.runs_frame(run_ids=group["run_id"].unique().tolist())
+    if runs.empty:
+        return {}
+    manifests = store.submission_manifests(runs["submission_hash"].astype(str).unique().tolist())
+
+    def resolution(run: Any) -> str:
+        recipe = (manifests.get(str(run.submission_hash)) or {}).get("recipe") or {}
+        if isinstance(recipe, dict) and recipe.get("trainer") == "nnunet":
+            return "median (nnU-Net's own)"
+        prefix, separator, _ = str(run.preprocessing_id or "").partition("-")
+        return prefix if separator or prefix == "native" else "–"
+
+    return {str(r.submission): resolution(r) for r in runs.itertuples()}
 
 
 def _uncertain_lesions(store: Store, frame: pd.DataFrame, *, site: str | None) -> pd.DataFrame | None:
@@ -588,7 +609,7 @@ def leaderboard_text(table: pd.DataFrame, metrics: Sequence[str], format: TableF
     for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         title = _group_title(key, group["site"].iloc[0])
         caption = _caption(list(metrics), confidence, probabilities=bool(probability_columns(group)), selection=selection)
-        caption += f" {BUDGET_HEADER}: the training budget the submission's run used ('–': it does not train)."
+        caption += RUN_COLUMNS_NOTE
         blocks.append(f"### {title}\n\n{markdown_table(_board_frame(group, metrics))}\n\n{caption}\n")
         if not (pairs := board_pairs(table, key)).empty:
             blocks.append(f"Paired tests:\n\n{markdown_table(pairs_display(pairs))}\n\n{pairs_caption(pairs)}\n")
@@ -640,7 +661,7 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
     for key, group in table.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         rich_table = Table(
             title=escape(_group_title(key, group["site"].iloc[0])),
-            caption=escape(_caption(metrics, confidence, probabilities=bool(extra), selection=selection)),
+            caption=escape(_caption(metrics, confidence, probabilities=bool(extra), selection=selection) + RUN_COLUMNS_NOTE),
             caption_justify="left",
         )
         rich_table.add_column("Rank", justify="right", min_width=4)
@@ -654,6 +675,7 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
         rich_table.add_column("stability", justify="right", min_width=5)
         rich_table.add_column("mean rank", justify="right", min_width=5)
         rich_table.add_column(BUDGET_HEADER, min_width=10)
+        rich_table.add_column(RESOLUTION_HEADER, min_width=6)
         for _, row in group.iterrows():
             rich_table.add_row(
                 "–" if math.isnan(row["rank"]) else str(int(row["rank"])),
@@ -666,6 +688,7 @@ def render_leaderboard(table: pd.DataFrame, metrics: Sequence[str], *, console: 
                 "–" if math.isnan(row["rank_stability"]) else f"{row['rank_stability']:.0%}",
                 _fmt(row["mean_rank"]),
                 escape(str(row.get("budget", "–"))),
+                escape(str(row.get("resolution", "–"))),
             )
         console.print(rich_table)
         if not (pairs := board_pairs(table, key)).empty:
@@ -713,8 +736,7 @@ def render_lesion_sizes(by_size: pd.DataFrame, *, console: Console | None = None
         for name in submissions:
             view.add_column(escape(name), justify="right")
         for size_bin, rows in group.groupby("size_bin", sort=False):
-            first = rows.iloc[0]
-            label = f"{size_bin} ({_voxel_range(first)})"
+            label = str(size_bin)  # the bin's label states ml and voxels (bench.lesionwise)
             cells = []
             for name in submissions:
                 row = rows[rows["submission"] == name]
@@ -726,11 +748,6 @@ def render_lesion_sizes(by_size: pd.DataFrame, *, console: Console | None = None
                 cells.append(f"{recall} · FP {int(r['n_false_positive'])}")
             view.add_row(escape(label), *cells)
         console.print(view)
-
-
-def _voxel_range(row: Any) -> str:
-    low, high = row["low_voxels"], row["high_voxels"]
-    return f"{low:.3g}+ voxels" if not math.isfinite(high) else f"{low:.3g}-{high:.3g} voxels"
 
 
 # -- the HTML report -------------------------------------------------------------------------------------------------------
@@ -759,6 +776,12 @@ def _html_table(frame: pd.DataFrame, *, name_columns: Sequence[str] = ()) -> str
 
 #: Header of the training-budget column (rich table, Markdown, HTML report).
 BUDGET_HEADER = "training budget used"
+#: Header of the resolution column: the grid the model's inputs were resampled to (issue 12's policy).
+RESOLUTION_HEADER = "resolution"
+#: The caption's words on the two columns.
+RUN_COLUMNS_NOTE = (f" {BUDGET_HEADER}: the training budget the submission's run used ('–': it does not train). "
+                    f"{RESOLUTION_HEADER}: the voxel grid its model saw (median: resampled to the target spacing nnU-Net "
+                    "plans from the training cases; native: the scans' own spacing), as its preprocessing id names it.")
 #: What each probability column is computed over: its convention (they do not depend on the metric one).
 PROBABILITY_CONVENTIONS: dict[str, str] = {
     "brier": "brain, 1/255 levels",
@@ -794,6 +817,7 @@ def _board_frame(group: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
             "stability": ["–" if math.isnan(v) else f"{v:.0%}" for v in group["rank_stability"]],
             "mean rank": [_fmt(v) for v in group["mean_rank"]],
             BUDGET_HEADER: [str(b) if isinstance(b, str) and b else "–" for b in budget],
+            RESOLUTION_HEADER: [str(r) for r in (group["resolution"] if "resolution" in group else ["–"] * len(group))],
         }
     )
 

@@ -485,6 +485,7 @@ def test_leaderboard_page(monkeypatch: pytest.MonkeyPatch, store: Store, sample:
     assert table["Rank"].tolist() == [1, 2, 3] and len(table) == 3
     assert "dice ↑" in table.columns and "hd95 [mm] ↓" in table.columns
     assert table["Card"].str.startswith("./submission?id=").all()
+    assert {"Training budget used", "Resolution"} <= set(table.columns), "as on the CLI leaderboard"
     expected = leaderboard_table(store, metrics=["dice"], dataset=scope[0], protocol=at.radio(key="scope_protocol").value)
     assert np.allclose(table["dice ↑"], expected["dice"])
     assert any("Higher is better" in caption.value for caption in at.caption)

@@ -29,7 +29,7 @@ from bench.models.recipe import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("unet-monai", "attention-unet", "aniso-unet", "nnunet-baseline")
+SHIPPED = ("unet-monai", "unet-monai-pretrained", "attention-unet", "aniso-unet", "segresnet", "swin-unetr", "nnunet-baseline")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -299,7 +299,7 @@ def test_scale_shows_more_tissue_and_blur_smooths() -> None:
 def test_shipped_monai_entrants_use_scale_blur_and_the_median_spacing() -> None:
     from bench.submissions import load_submission
 
-    for name in ("unet-monai", "attention-unet", "aniso-unet"):
+    for name in ("unet-monai", "unet-monai-pretrained", "attention-unet", "aniso-unet", "segresnet", "swin-unetr"):
         submission = load_submission(REPO / "submissions" / name)
         recipe = parse_recipe(dict(submission.manifest.recipe))
         assert recipe.augmentation.scale.prob > 0 and recipe.augmentation.blur.prob > 0

@@ -109,6 +109,22 @@ def test_a_crashing_model_fails_its_cases_and_the_benchmark_goes_on(dataset_dir:
     assert (frame[frame["status"] == "ok"]["site"] != "SiteA").all()
 
 
+def test_a_run_in_which_every_case_failed_is_failed_and_bench_run_exits_1_saying_why(dataset_dir: Path, tmp_path: Path) -> None:
+    broken = write_python_submission(tmp_path / "always-broken", """\
+        def predict(case):
+            raise RuntimeError("weights missing from the submission")
+        """, "always-broken")
+    db_url = f"sqlite:///{tmp_path / 'bench.db'}"
+    result = CliRunner().invoke(app, ["run", str(broken), "--dataset", str(dataset_dir), "--results", str(tmp_path), "--db", db_url, "-p", "loso"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 1, result.output
+    assert "every case failed" in result.output and "weights missing from the submission" in result.output
+    assert "Traceback" not in result.output
+    runs = Store.from_url(db_url).runs_frame()
+    assert runs["run_status"].tolist() == ["failed"]
+    assert Store.from_url(db_url).get_run(runs["run_id"].iloc[0]).error.startswith("every case failed")
+
+
 def test_a_relative_dataset_path_reaches_the_submission_process(dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The python kind predicts in a worker process with its own working directory (regression: the
     # demo passed datasets/... and every case failed with "file not found").

@@ -198,7 +198,7 @@ def test_leaderboard_prints_lesion_recall_by_size_bin(cli, results_db):
     """Issue 15: the lesion-size table (bins in ml and voxels, recall and false positives) beside the board."""
     result = CliRunner().invoke(cli, ["leaderboard", "--db", results_db, "--protocol", "loso", "--bootstrap", "50"], env={"COLUMNS": "220"})
     assert result.exit_code == 0, result.output
-    assert "by reference-lesion volume" in result.output and "voxels" in result.output and "FP" in result.output
+    assert "by reference-lesion volume" in result.output and " vx)" in result.output and "vx) (" not in result.output and "FP" in result.output
 
 
 def test_text_leaderboards_carry_the_budget_and_the_convention_beside_every_number(cli, results_db):
@@ -206,7 +206,7 @@ def test_text_leaderboards_carry_the_budget_and_the_convention_beside_every_numb
                       "--bootstrap", "50", "--format", "markdown")
     assert markdown.exit_code == 0, markdown.output
     header = next(line for line in markdown.output.splitlines() if line.startswith("| Rank"))
-    assert "dice ↑ · bench" in header and "hd95 [mm] ↓ · bench" in header and header.rstrip(" |").endswith("training budget used")
+    assert "dice ↑ · bench" in header and "hd95 [mm] ↓ · bench" in header and header.rstrip(" |").endswith("training budget used | resolution")
     csv = invoke(cli, "leaderboard", "--db", results_db, "--protocol", "loso", "--bootstrap", "50", "--format", "csv")
     assert csv.exit_code == 0 and {"budget", "convention"} <= set(csv.output.splitlines()[0].split(","))
 

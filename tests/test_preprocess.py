@@ -76,7 +76,10 @@ def case_with(tmp_path: Path, *, direction=RAS_FLIP, shape=(8, 32, 32), spacing=
 
 def test_id_is_short_stable_and_ignores_dict_order() -> None:
     config = PreprocessingConfig()
-    assert len(config.id) == 12 and int(config.id, 16) >= 0
+    tag, digest = config.id.split("-")
+    assert tag == "native" and len(digest) == 12 and int(digest, 16) >= 0, "the id names the resolution policy"
+    assert PreprocessingConfig(target_spacing="median").id.startswith("median-")
+    assert PreprocessingConfig(target_spacing=(6.0, 0.8, 0.8)).id.startswith("6x0.8x0.8mm-")
     assert PreprocessingConfig().id == config.id
     explicit = PreprocessingConfig(normalization={"Z-ADC": {"method": "none"}, "ADC": {"method": "zscore"}})
     assert explicit.id == config.id, "the standard per-channel defaults are filled in before hashing"

@@ -200,12 +200,21 @@ def test_pretrain_writes_a_run_folder_whose_hash_enters_the_run_id(pool, tmp_pat
     data["recipe"]["network"]["params"]["channels"] = [4, 8, 16]
     data["recipe"]["transfer"] = {"checkpoint": result.run_id}
     manifest_path.write_text(yaml.safe_dump(data))
-    spec = RunSpec(submission=submission, dataset=pool.root, folds=2, schedule="cpu", results_dir=results, db_url=f"sqlite:///{tmp_path / 'b.db'}")
+    on_pool = RunSpec(submission=submission, dataset=pool.root, folds=2, schedule="cpu", results_dir=results, db_url=f"sqlite:///{tmp_path / 'b.db'}")
+    from bench.models.pretrain import PoolOverlapError
+
+    with pytest.raises(PoolOverlapError, match="pre-trained on"):
+        plan_run(on_pool)  # benchmarking on the pre-training pool itself is refused before anything trains
+    from bench.data.synth import generate_synthetic_dataset
+
+    other = generate_synthetic_dataset(tmp_path / "bench-data", cases=4, sites=2, seed=1, size="tiny", workers=1)
+    spec = on_pool.model_copy(update={"dataset": other.root})
     first = plan_run(spec).run_id
     assert plan_run(spec).run_id == first
     result.weights.write_bytes(result.weights.read_bytes() + b"\0")  # other weights under the same id
     assert plan_run(spec).run_id != first, "the checkpoint's content hash is part of the run id"
     assert plan_run(spec.model_copy(update={"train_fraction": 0.5})).run_id != plan_run(spec).run_id
+    assert {unit.cost for unit in plan_run(spec).units} == {1}, "a trainable unit is scheduled before scoring-only units"
 
 
 def test_the_shipped_twin_differs_from_unet_monai_only_by_its_transfer() -> None:
@@ -221,6 +230,13 @@ def test_the_shipped_twin_differs_from_unet_monai_only_by_its_transfer() -> None
     weights = REPO / "submissions" / "unet-monai-pretrained" / transfer["checkpoint"]
     assert weights.stat().st_size < 2_000_000
     assert len(read_checkpoint(weights)) == 49
+    # the leaderboard's own twin rule (bench.report.transfer_twins) finds the pair, in that direction only
+    from bench.models.transfer import is_transfer_twin
+
+    twin, base = (yaml.safe_load((REPO / "submissions" / n / "submission.yaml").read_text()) for n in ("unet-monai-pretrained", "unet-monai"))
+    assert is_transfer_twin(twin, base) and not is_transfer_twin(base, twin) and not is_transfer_twin(twin, twin)
+    nnunet = yaml.safe_load((REPO / "submissions" / "nnunet-baseline" / "submission.yaml").read_text())
+    assert not is_transfer_twin(twin, nnunet)
 
 
 @pytest.mark.slow
@@ -264,3 +280,23 @@ def test_nnunet_gets_the_checked_tensors_through_its_own_loader(tmp_path: Path) 
         prepare_nnunet_weights(Net(8), _config(checkpoint="nnunet.pth"), submission_dir=tmp_path, results_dirs=[], out=tmp_path / "h2.pth")
     with pytest.raises(TransferError, match="freeze is not supported"):
         prepare_nnunet_weights(Net(4), _config(checkpoint="nnunet.pth", freeze=("encoder.",)), submission_dir=tmp_path, results_dirs=[], out=tmp_path / "h3.pth")
+
+
+def test_bench_run_refuses_weights_pre_trained_on_the_dataset_it_benchmarks(tmp_path: Path) -> None:
+    """The pool check at run time (issue 16): the pool's dataset version, and its case ids where listed,
+    must differ from the benchmark's; the shipped twin's provenance names its own synthetic pool."""
+    from types import SimpleNamespace
+
+    from bench.models.pretrain import PoolOverlapError, check_pool_disjoint, checkpoint_provenance
+
+    dataset = SimpleNamespace(name="bonbid", version="v" * 64, cases=[SimpleNamespace(case_id=f"MGHNICU_{i:03d}") for i in range(4)])
+    weights = tmp_path / "w.pt"
+    with pytest.raises(PoolOverlapError, match="pre-trained on bonbid"):
+        check_pool_disjoint({"pool": {"version": "v" * 12}}, dataset, weights=weights)  # a shortened id too
+    with pytest.raises(PoolOverlapError, match="MGHNICU_001"):
+        check_pool_disjoint({"pool": {"version": "other", "synthetic": False, "train_cases": ["MGHNICU_001"]}}, dataset, weights=weights)
+    check_pool_disjoint({"pool": {"version": "other", "train_cases": ["PretrainSiteA-000"]}}, dataset, weights=weights)
+    check_pool_disjoint(None, dataset, weights=weights)  # unknown origin: nothing to compare
+    shipped = checkpoint_provenance(REPO / "submissions" / "unet-monai-pretrained" / "pretrained" / "unet-monai-cpu.pt")
+    assert shipped is not None and shipped["pool"]["synthetic"] and shipped["pool"]["seed"] == 9001
+    assert all(site.startswith("Pretrain") for site in shipped["pool"]["sites"])

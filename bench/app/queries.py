@@ -227,6 +227,17 @@ def leaderboard(
     return table
 
 
+def with_run_columns(store: Store, frame: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
+    """``board`` with the ``budget`` and ``resolution`` of each submission's run, as the CLI leaderboard
+    shows them (:func:`bench.report.run_budgets`, :func:`bench.report.run_resolutions`)."""
+    from bench.report import run_budgets, run_resolutions
+
+    if board.empty:
+        return board.assign(budget=[], resolution=[])
+    labels = board["submission"].astype(str)
+    return board.assign(budget=labels.map(run_budgets(store, frame)).fillna("–"), resolution=labels.map(run_resolutions(store, frame)).fillna("–"))
+
+
 def paired_tests(store: Store, frame: pd.DataFrame, board: pd.DataFrame, metric: str, *, site: str | None = None) -> pd.DataFrame:
     """The paired tests under the scope's leaderboard ``board`` (``site``: on that site's cases):
     each rank against the next, each pre-trained twin against its scratch submission.

@@ -182,7 +182,7 @@ def case_frame(url: str, version: str, scope: tuple[str, str | None, str], metri
 @st.cache_data(max_entries=64, show_spinner="Bootstrapping confidence intervals…")
 def leaderboard(url: str, version: str, scope: tuple[str, str, str], metrics: tuple[str, ...], run_choice: str, site: str | None, n_boot: int = N_BOOT) -> pd.DataFrame:
     frame = case_frame(url, version, scope, metrics, run_choice, details=False)
-    return queries.leaderboard(frame, metrics, site=site, n_boot=n_boot)
+    return queries.with_run_columns(get_store(url), frame, queries.leaderboard(frame, metrics, site=site, n_boot=n_boot))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -151,7 +151,7 @@ def sandbox_command(
 
 @app.command("models")
 def models_command(
-    submissions: Annotated[Optional[list[Path]], typer.Argument(help="Trainable submission folders (default: the four shipped entrants).")] = None,
+    submissions: Annotated[Optional[list[Path]], typer.Argument(help="Trainable submission folders (default: the six shipped network entrants).")] = None,
     dataset: Annotated[Optional[Path], typer.Option(help="Dataset folder; default: a synthetic dataset generated for the run.")] = None,
     size: Annotated[str, typer.Option(help="Synthetic size preset when no dataset is given: tiny, small or full.")] = "small",
     train_cases: Annotated[int, typer.Option(min=1, help="Cases to train on (the next case is predicted).")] = 4,

@@ -177,23 +177,12 @@ def _ml(value: object) -> str:
 
 
 def _save(figure, out: Path) -> Path:
-    """Save a figure atomically (temporary file in the same folder, then rename)."""
-    import os
-    import tempfile
-
-    from bench.data.layout import make_shareable
+    """Save a figure atomically (:func:`bench.imageio.atomic_output`: temporary file, then rename)."""
+    from bench.imageio import atomic_output
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=out.suffix or ".png", dir=out.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=figure.dpi, facecolor="black")
-        make_shareable(Path(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(out) as tmp:
+        figure.savefig(tmp, dpi=figure.dpi, facecolor="black", format=(out.suffix.lstrip(".") or "png"))
     return out
 
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 #: The entrants shipped in ``submissions/``, the nnU-Net baseline first.
-DEFAULT_ENTRANTS: tuple[str, ...] = ("nnunet-baseline", "unet-monai", "attention-unet", "aniso-unet")
+DEFAULT_ENTRANTS: tuple[str, ...] = ("nnunet-baseline", "unet-monai", "attention-unet", "aniso-unet", "segresnet", "swin-unetr")
 NNUNET_ENTRANT = "nnunet-baseline"
 
 

@@ -287,12 +287,54 @@ def export_weights(run_dir: Path, out: Path, *, precision: str = "int8") -> Path
     info["pool"] = {k: manifest["pool"].get(k) for k in ("name", "version", "cases", "sites", "synthetic", "seed")}
     info["budget"] = manifest.get("budget")
     torch_save_atomic(compact_state_dict(state, precision, info=json.loads(json.dumps(info))), Path(out))
+    # the same provenance beside the weights, readable without torch: `bench run` checks the pool against
+    # the benchmarked dataset before anything trains (check_pool_disjoint)
+    write_text_atomic(provenance_path(Path(out)), json.dumps(info, indent=2) + "\n")
     return Path(out)
+
+
+#: Suffix of the provenance file ``bench pretrain --export`` writes beside the weights.
+PROVENANCE_SUFFIX = ".provenance.json"
+
+
+def provenance_path(weights: Path) -> Path:
+    return weights.with_name(weights.name + PROVENANCE_SUFFIX)
+
+
+def checkpoint_provenance(weights: Path) -> dict[str, Any] | None:
+    """What is known of where ``weights`` came from: the pretrain run's manifest (``weights.pt`` of a
+    run folder) or the provenance file beside an exported file; ``None`` for weights of unknown origin."""
+    weights = Path(weights)
+    for candidate in (weights.parent / MANIFEST if weights.name == PRETRAIN_WEIGHTS else None, provenance_path(weights)):
+        if candidate is not None and candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except (OSError, ValueError):
+                raise PoolOverlapError(f"{candidate}: unreadable pre-training provenance (re-export the weights with `bench pretrain --export`)") from None
+    return None
+
+
+def check_pool_disjoint(provenance: Mapping[str, Any] | None, dataset: Any, *, weights: Path) -> None:
+    """Refuse to benchmark on ``dataset`` weights pre-trained on it: the pool's dataset version (and its
+    case ids, where the provenance lists them) must differ from the benchmark's. Weights of unknown
+    origin pass (nothing to compare); ``bench pretrain --against`` compares image contents too."""
+    pool = (provenance or {}).get("pool") or {}
+    if not pool:
+        return
+    version = str(pool.get("version") or "")
+    if len(version) >= 12 and (str(dataset.version).startswith(version) or version.startswith(str(dataset.version))):  # ids may be shortened
+        raise PoolOverlapError(f"{weights} was pre-trained on {dataset.name} (version {dataset.version[:12]}), the dataset being benchmarked; "
+                               "pre-train on the default synthetic pool or on a dataset disjoint from the benchmark's")
+    listed = set(pool.get("train_cases") or []) | set(pool.get("val_cases") or [])
+    if listed and not pool.get("synthetic") and (shared := sorted(listed & {c.case_id for c in dataset.cases})):
+        raise PoolOverlapError(f"{weights} was pre-trained on {len(shared)} case(s) of {dataset.name} ({', '.join(shared[:8])}); "
+                               "pre-train on a dataset disjoint from the benchmark's")
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / MANIFEST).read_text())
 
 
-__all__ = ["MANIFEST", "POOL_SEED", "POOL_SITE_PREFIX", "PoolOverlapError", "PretrainResult", "check_no_overlap", "export_weights",
+__all__ = ["MANIFEST", "POOL_SEED", "POOL_SITE_PREFIX", "PROVENANCE_SUFFIX", "PoolOverlapError", "PretrainResult", "check_no_overlap",
+           "check_pool_disjoint", "checkpoint_provenance", "export_weights",
            "pretrain", "pretrain_recipe", "pretrain_run_id", "read_manifest", "synthetic_pool"]

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,15 +113,10 @@ def torch_save_atomic(obj: Any, path: Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename (never a half-written file)."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    from bench.imageio import atomic_output
+
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
     return path
 
 
@@ -134,16 +127,14 @@ def append_log(run_dir: Path, message: str) -> None:
 
 
 def select_device(preference: str | None = None):
-    """``torch.device``: ``preference`` if given (``"cpu"``, ``"cuda"``, ``"cuda:1"``), else (``None`` or
-    ``"auto"``) CUDA when present."""
-    import torch
+    """``torch.device`` of :func:`bench.device.resolve_device` (the one device rule): ``preference`` if
+    given (``"cpu"``, ``"cuda"``, ``"cuda:1"``), else (``None`` or ``"auto"``) CUDA when torch can use it.
+    An impossible request is a :class:`bench.device.DeviceError` naming the fix."""
+    import torch  # imported first, so the device probe reads torch in-process (no subprocess)
 
-    if preference and preference != "auto":
-        device = torch.device(preference)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {preference!r} requested but CUDA is not available")
-        return device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    from bench.device import resolve_device
+
+    return torch.device(resolve_device(preference or "auto").device)
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -179,9 +170,12 @@ def write_curves(run_dir: Path, history: list[dict[str, Any]]) -> Path | None:
     dice_axis.set_ylabel("validation Dice", color="tab:orange")
     dice_axis.set_ylim(0, 1)
     fig.tight_layout()
+    from bench.imageio import atomic_output
+
     path = run_dir / CURVES_FILE
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return path

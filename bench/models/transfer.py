@@ -379,14 +379,24 @@ def transfer_identity(recipe: Mapping[str, Any] | Any, submission_dir: Path, *, 
     """What a recipe's transfer adds to a run's identity: the declaration and the SHA-256 of the
     checkpoint file (``None`` without transfer). :class:`TransferError` when the checkpoint is missing,
     so a run is never planned against weights that are not there."""
+    found = declared_checkpoint(recipe, submission_dir, schedule=schedule, results_dir=results_dir)
+    if found is None:
+        return None
+    config, path = found
+    return {**config.model_dump(mode="json"), "sha256": file_sha256(path)}
+
+
+def declared_checkpoint(recipe: Mapping[str, Any] | Any, submission_dir: Path, *, schedule: str | None = None,
+                        results_dir: Path | None = None) -> tuple[Any, Path] | None:
+    """The recipe's transfer declaration and the checkpoint file it names (``None`` without transfer);
+    :class:`TransferError` when the file is missing."""
     from bench.models.recipe import parse_recipe
 
     parsed = parse_recipe(dict(recipe) if isinstance(recipe, Mapping) else recipe, source=str(Path(submission_dir) / "submission.yaml"))
     config = transfer_config(parsed, schedule)
     if config is None:
         return None
-    path = resolve_checkpoint(config.checkpoint, submission_dir=submission_dir, results_dirs=default_results_dirs(results_dir))
-    return {**config.model_dump(mode="json"), "sha256": file_sha256(path)}
+    return config, resolve_checkpoint(config.checkpoint, submission_dir=submission_dir, results_dirs=default_results_dirs(results_dir))
 
 
 def transfer_config(recipe: Any, schedule: str | None = None) -> Any | None:

@@ -71,6 +71,7 @@ from bench.store.schema import (
     PROBABILITY_COLUMNS,
     RUN_STATUSES,
     StoreError,
+    StoreUrlError,
     metadata,
 )
 from bench.store.writes import Writes
@@ -91,6 +92,7 @@ __all__ = [
     "RunRecord",
     "Store",
     "StoreError",
+    "StoreUrlError",
     "metadata",
 ]
 

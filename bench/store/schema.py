@@ -31,6 +31,11 @@ class StoreError(RuntimeError):
     """The database refused an operation or holds something unexpected; the message says what."""
 
 
+class StoreUrlError(StoreError, ValueError):
+    """A database URL that names no usable database (malformed, or a driver that is not installed):
+    the user's to fix, so the CLI shows it as one line."""
+
+
 #: Status of a case result. A missing or unreadable prediction is a ``failed`` row; statistics score it
 #: as the metric's worst value (see :mod:`bench.stats`).
 CASE_STATUSES: tuple[str, ...] = ("ok", "failed")
@@ -244,8 +249,13 @@ class Database:
     """
 
     def __init__(self, url: str | Path | BenchSettings | None = None, *, busy_timeout_s: float = 60.0, echo: bool = False) -> None:
-        self.url = sa.make_url(resolve_url(url))
-        self.engine: Engine = create_engine(self.url, busy_timeout_s=busy_timeout_s, echo=echo)
+        try:
+            self.url = sa.make_url(resolve_url(url))
+            self.engine: Engine = create_engine(self.url, busy_timeout_s=busy_timeout_s, echo=echo)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+            shown = self.url.render_as_string(hide_password=True) if hasattr(self, "url") else "the URL given"
+            raise StoreUrlError(f"cannot open the results database {shown}: {' '.join(str(exc).split())} "
+                                "(fix: use sqlite:///path/to/bench.db or postgresql+psycopg://user@host:5432/name)") from exc
         # Same pool and events; its connections begin with BEGIN IMMEDIATE on SQLite.
         self._writer = self.engine.execution_options(**{WRITE_OPTION: True})
 

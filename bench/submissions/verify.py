@@ -75,7 +75,8 @@ def verify_submission(
 
     problems += KIND_LOADERS[submission.kind].check(submission, trust_code=trust_code)
     if _has_errors(problems) or not run_model or submission.trains:
-        return problems
+        # the model does not run, but the dataset named is still checked, so one call reports every problem
+        return problems + _header_problems(_dataset_cases(dataset, problems, data_root))
     dataset_cases = _dataset_cases(dataset, problems, data_root)
     with tempfile.TemporaryDirectory(prefix="hiebench-probe-") as probe_dir:
         probe = write_probe_case(probe_dir)
@@ -131,6 +132,21 @@ def _dataset_cases(dataset: str | Path | None, problems: list[Problem], data_roo
         problems.append(Problem("error", f"--dataset {dataset}", str(exc),
                                 "pass a dataset folder or the name of one under the data root (bench data list shows them)"))
         return []
+
+
+def _header_problems(cases: list["Case"]) -> list[Problem]:
+    """One problem per dataset image whose header cannot be read or declares an impossible grid
+    (:func:`bench.imageio.read_header`: bounded, no voxel is read)."""
+    from bench.imageio import ImageError, read_header
+
+    problems = []
+    for case in cases:
+        for path in case.image_paths:
+            try:
+                read_header(path)
+            except ImageError as exc:
+                problems.append(Problem("error", f"dataset case {case.case_id}", str(exc), "repair or re-export the image (bench data verify checks a whole dataset)"))
+    return problems
 
 
 def _problem_from(error: PredictionError, where: str) -> Problem:

@@ -64,6 +64,8 @@ table = pd.DataFrame(
         "95% CI": [queries.format_ci(lo, hi, reference=m) for m, lo, hi in zip(board[metric], board[f"{metric}_lo"], board[f"{metric}_hi"])],
         "Rank stability": board["rank_stability"],
         "Mean rank": board["mean_rank"],
+        "Training budget used": board["budget"].astype(str),
+        "Resolution": board["resolution"].astype(str),
     }
 )
 for other in extra:
@@ -85,6 +87,8 @@ st.dataframe(
         ),
         "Mean rank": st.column_config.NumberColumn(format="%.2f", help="Rank-then-aggregate: rank within each case, averaged."),
         "Failed": st.column_config.NumberColumn(help="Failed or missing cases; they count as the metric's worst value."),
+        "Training budget used": st.column_config.TextColumn(help="The training budget the run used, in patch-voxels ('–': it does not train)."),
+        "Resolution": st.column_config.TextColumn(help="The voxel grid the model saw: median = resampled to the target spacing nnU-Net plans; native = the scans' own."),
     },
 )
 notes = [

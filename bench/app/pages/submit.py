@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from bench.app import queries, ui, uploads
+from bench.submissions.kinds import KIND_LOADERS
 
 ctx = ui.context(require_results=False)
 with st.sidebar:
@@ -80,7 +81,8 @@ if result is not None:
     warnings = [p for p in result.problems if p.severity != "error"]
     if result.ok:
         st.success(f"**{result.name}** (kind `{result.kind}`) is unpacked in `{result.path}` and passes the checks the app can run.", icon=":material/check_circle:")
-        if result.kind not in ("predictions", "trainable"):
+        loader = KIND_LOADERS.get(result.kind)
+        if loader is not None and loader.runs_code and not loader.trains:  # a model the worker probes before it scores
             st.caption("The model itself runs for the first time in the worker: its probe run (shape, labels, determinism, time limit) is the job's first step.")
     else:
         st.error(f"The upload was refused: {len(errors)} problem(s) to fix.", icon=":material/error:")
