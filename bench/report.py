@@ -211,7 +211,17 @@ def transfer_twins(store: Store, group: pd.DataFrame) -> list[tuple[str, str]]:
 
     labels = dict(zip(group["submission_hash"].astype(str), group["submission"].astype(str)))
     manifests = store.submission_manifests(list(labels))
-    return [(labels[a], labels[b]) for a in manifests for b in manifests if a != b and is_transfer_twin(manifests[a], manifests[b])]
+    runs = store.runs_frame(run_ids=group["run_id"].astype(str).unique().tolist())
+    # only twins whose run did load weights: a schedule may train the twin from scratch (checkpoint: null)
+    loaded = {str(r.submission_hash) for r in runs.itertuples() if _loaded_weights(r.budget)} if not runs.empty else set()
+    return [(labels[a], labels[b]) for a in manifests for b in manifests
+            if a != b and a in loaded and is_transfer_twin(manifests[a], manifests[b])]
+
+
+def _loaded_weights(budget: Any) -> bool:
+    """Whether a run's stored budget record says a fold was initialised from a checkpoint."""
+    folds = budget.get("folds") if isinstance(budget, dict) else None
+    return isinstance(folds, dict) and any(isinstance(f, dict) and f.get("transfer") for f in folds.values())
 
 
 def board_pairs(table: pd.DataFrame, key: Sequence[Any] | None = None) -> pd.DataFrame:

@@ -517,7 +517,8 @@ def test_compare_page(monkeypatch: pytest.MonkeyPatch, sample: SampleResults) ->
     assert_clean(at)
     assert len(at.multiselect(key="compare_submissions").value) == 3
     tests = shown_table(at, "p_holm")
-    assert len(tests) == 3 and {"p_holm", "significant"} <= set(tests.columns)
+    assert len(tests) == 3 and {"p_holm", "significant", "relation"} <= set(tests.columns)
+    assert (tests["relation"] == "").all(), "no transfer twins in the sample"
     gap = shown_table(at, "gap", "gap_lo")  # both protocols exist in the sample
     assert set(gap["site"]) == {"overall", "SiteA", "SiteB"}
     at.segmented_control(key="compare_plot").set_value("Strip").run()

@@ -235,3 +235,28 @@ def test_bonbid_training_release_alone_gets_the_stratified_holdout(bonbid_releas
     assert entry["source"] == "stratified"
     (fold,) = dataset.splits("holdout")
     assert len(fold.test) == 2 and len(fold.train) == 4
+
+
+@needs_commit_holdout
+def test_bench_run_holdout_on_an_imported_bonbid_release_scores_the_release_test_cases_once(
+        bonbid_release, fixture_case_arrays, write_fixture_image, tmp_path: Path) -> None:
+    """Issue 12's done-when: `bench run ... -p holdout` on an imported BONBID-HIE layout: one fold, the
+    release's own test cases scored, once; its leaderboard is the holdout one."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.store import Store
+
+    release = tmp_path / "bonbid"
+    bonbid_release(mgh=4, root=release / "BONBID2023_Train")
+    _write_bonbid_test_folder(release / "BONBID2023_Test", [101, 102], fixture_case_arrays, write_fixture_image)
+    dataset = import_bonbid(release, tmp_path / "out", folds=3)
+    db_url = f"sqlite:///{tmp_path / 'bench.db'}"
+    submission = Path(__file__).resolve().parents[1] / "submissions" / "zadc-threshold"
+    result = CliRunner().invoke(app, ["run", str(submission), "--dataset", str(dataset.root), "-p", "holdout", "--results", str(tmp_path / "results"),
+                                      "--db", db_url], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    rows = Store.from_url(db_url).case_results_frame(protocol="holdout")
+    assert sorted(rows["case_id"].astype(str)) == ["MGHNICU_101", "MGHNICU_102"] and (rows["status"] == "ok").all()
+    board = CliRunner().invoke(app, ["leaderboard", "--db", db_url, "--protocol", "holdout", "--bootstrap", "20"], env={"COLUMNS": "250"})
+    assert board.exit_code == 0 and "protocol holdout" in board.output, board.output

@@ -224,6 +224,9 @@ def test_every_leaderboard_tests_neighbours_and_transfer_twins_in_pairs(tmp_path
         for index, manifest_recipe in ((0, recipe), (3, twin)):  # the twin ranks first, its scratch last: not neighbours
             store.upsert_submission(content_hash=f"synthetic-sub{index:04d}", name=f"model-{index:03d}", version="1", kind="trainable",
                                     manifest={"name": f"model-{index:03d}", "kind": "trainable", "inputs": {"channels": ["ADC"]}, "recipe": manifest_recipe})
+        assert not board_pairs(leaderboard_table(store, metrics=["dice"], n_boot=50)).query("relation != @PAIR_NEXT").shape[0], \
+            "no twin until its run says it loaded the weights (a schedule may train it from scratch)"
+        store.finish_run("synthetic-loso-0003", budget={"folds": {"loso-site0": {"transfer": {"share": 1.0, "loaded": 49}}}})
         board = leaderboard_table(store, metrics=["dice"], n_boot=50)
     pairs = board_pairs(board)
     relations = dict(zip(zip(pairs["submission_a"], pairs["submission_b"]), pairs["relation"]))

@@ -238,6 +238,13 @@ def with_run_columns(store: Store, frame: pd.DataFrame, board: pd.DataFrame) -> 
     return board.assign(budget=labels.map(run_budgets(store, frame)).fillna("–"), resolution=labels.map(run_resolutions(store, frame)).fillna("–"))
 
 
+def twin_pairs(store: Store, frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """``(pre-trained, scratch)`` label pairs among the frame's submissions (:func:`bench.report.transfer_twins`)."""
+    from bench.report import transfer_twins
+
+    return transfer_twins(store, _plain_labels(frame)) if not frame.empty else []
+
+
 def paired_tests(store: Store, frame: pd.DataFrame, board: pd.DataFrame, metric: str, *, site: str | None = None) -> pd.DataFrame:
     """The paired tests under the scope's leaderboard ``board`` (``site``: on that site's cases):
     each rank against the next, each pre-trained twin against its scratch submission.

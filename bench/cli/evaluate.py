@@ -25,12 +25,12 @@ def evaluate_command(
     Files are matched by case id (.nii, .nii.gz, .mha). A reference with no prediction is listed as a
     failed row. Exits with status 1 when any case failed.
     """
-    from rich.console import Console
+    from bench.report import table_console
     from rich.table import Table
 
     from bench.metrics import CONVENTION_INFO, CONVENTIONS
 
-    console = Console()
+    console = table_console()  # full width when piped: one progress line per unit, tables uncut
     check_choice("convention", convention, tuple(CONVENTIONS))
     if out is not None and (out.suffix not in (".csv", ".parquet") or out.is_dir()):
         raise CliError(f"--out {out}: not a .csv or .parquet file name", "name a file ending in .csv or .parquet")

@@ -34,14 +34,14 @@ def run_command(
     Rerunning the same command resumes: finished cases are skipped and trained folds are reloaded.
     Exits 1 when every case of a run failed, naming the most frequent reasons.
     """
-    from rich.console import Console
+    from bench.report import table_console
 
     from bench.executors import EXECUTORS, RayUnavailable, make_executor
     from bench.harness import RunSpec, UnitResult, run_benchmark
     from bench.lesionwise import MATCH_RULES
     from bench.metrics import CONVENTIONS
 
-    console = Console()
+    console = table_console()  # full width when piped: one progress line per unit, tables uncut
     submissions, train_fraction = _split_fractions(submissions, train_fraction)
     config = settings(data_root, results_dir, db)
     dataset_path = config.dataset_path(dataset)

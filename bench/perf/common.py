@@ -63,8 +63,9 @@ def median_cpu_ms(function: Callable[[], T], repeats: int) -> tuple[float, T]:
 def print_frame(frame: pd.DataFrame, title: str, columns: dict[str, str], caption: str = "") -> None:
     """Print selected columns of a frame as a rich table (``columns``: name -> header)."""
     import pandas as pd
-    from rich.console import Console
     from rich.table import Table
+
+    from bench.report import table_console
 
     table = Table(title=title, caption=caption, caption_justify="left")
     for name, header in columns.items():
@@ -72,7 +73,7 @@ def print_frame(frame: pd.DataFrame, title: str, columns: dict[str, str], captio
         table.add_column(header, justify="right" if numeric else "left")
     for _, row in frame.iterrows():
         table.add_row(*(_format_cell(row[name]) for name in columns))
-    Console().print(table)
+    table_console().print(table)  # full width when piped or redirected (friction item 6)
 
 
 def _format_cell(value: object) -> str:

@@ -8,7 +8,7 @@ import streamlit as st
 
 from bench.app import queries, ui
 from bench.metrics import METRICS
-from bench.report import metric_header
+from bench.report import PAIR_TWIN, metric_header
 
 ctx = ui.context()
 scope = ui.scope_sidebar(ctx)
@@ -82,6 +82,8 @@ st.caption(f"One point per case, coloured by site. Points above the diagonal are
 # -- significance --------------------------------------------------------------------------------------------------------
 st.subheader("Paired tests")
 tests = queries.significance(subset, metric)
+twins = {frozenset(pair) for pair in queries.twin_pairs(ui.get_store(ctx.url), subset)}
+tests.insert(2, "relation", [PAIR_TWIN if frozenset((a, b)) in twins else "" for a, b in zip(tests["submission_a"], tests["submission_b"])])
 st.dataframe(
     tests,
     hide_index=True,
@@ -90,6 +92,7 @@ st.dataframe(
     column_config={
         "submission_a": "A",
         "submission_b": "B",
+        "relation": st.column_config.TextColumn("Relation", help="A pre-trained twin and its from-scratch submission: the test measures the pre-training alone."),
         "n": st.column_config.NumberColumn("Cases"),
         "mean_diff": st.column_config.NumberColumn("Mean A − B", format="%.3f"),
         "median_diff": st.column_config.NumberColumn("Median A − B", format="%.3f"),
