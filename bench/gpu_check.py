@@ -3,7 +3,7 @@ GPU, and its numbers on the GPU checked against the CPU for the same weights and
 
 Contract:
 
-1. **Timing** (reuses :func:`bench.models.perf.run_models_benchmark`): every ``submissions/*`` whose
+1. **Timing** (reuses :func:`bench.perf.models.run_models_benchmark`): every ``submissions/*`` whose
    manifest says ``kind: trainable`` with a network recipe (MONAI or nnU-Net trainer) trains two short
    epochs of a fixed number of iterations on a synthetic dataset (``full`` size: realistic grids;
    ``--tiny``: 32 x 32 x 8), on the device's schedule (``gpu`` on CUDA, ``cpu`` otherwise; nnU-Net
@@ -93,7 +93,7 @@ class GpuCheckReport:
 def shipped_trainables(root: Path = SUBMISSIONS_DIR) -> list[Path]:
     """Every ``root/*/submission.yaml`` of kind ``trainable`` whose recipe trains a network on the device
     (:data:`NETWORK_TRAINERS`), the nnU-Net baseline first (the reference of the timings)."""
-    from bench.models.perf import NNUNET_ENTRANT
+    from bench.perf.models import NNUNET_ENTRANT
     from bench.submissions.kinds import KIND_LOADERS
     from bench.submissions.manifest import read_manifest_data
 
@@ -121,7 +121,7 @@ def run_gpu_check(
     import pandas as pd
 
     from bench.device import DeviceError, resolve_device
-    from bench.models.perf import run_models_benchmark
+    from bench.perf.models import run_models_benchmark
 
     started = time.perf_counter()
     choice = resolve_device(config.device)

@@ -528,6 +528,26 @@ def test_compare_page(monkeypatch: pytest.MonkeyPatch, sample: SampleResults) ->
     assert any("at least two" in info.value for info in at.info)
 
 
+def test_cases_page_names_a_missing_prediction_file(monkeypatch: pytest.MonkeyPatch, sample: SampleResults, tmp_path: Path) -> None:
+    """Friction item 3: a prediction file that is not where the run stored it is named, with the reason."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    db = tmp_path / "copy.db"
+    with sqlite3.connect(sample.db_url.removeprefix("sqlite:///")) as source, sqlite3.connect(db) as target:
+        source.backup(target)  # the WAL's pages too
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        case_id = conn.execute(sa.text("SELECT case_id FROM case_results WHERE status = 'ok' ORDER BY case_id LIMIT 1")).scalar_one()
+        conn.execute(sa.text("UPDATE case_results SET prediction_path = '/moved/elsewhere/pred.nii.gz' WHERE case_id = :c"), {"c": case_id})
+    engine.dispose()
+    at = app_test(monkeypatch, f"sqlite:///{db}", "cases")
+    at.selectbox(key="case").set_value(case_id).run()
+    assert_clean(at)
+    assert any("/moved/elsewhere/pred.nii.gz" in i.value and "not on this machine" in i.value for i in at.info), [i.value for i in at.info]
+
+
 def test_cases_page_table_selection_and_viewer(monkeypatch: pytest.MonkeyPatch, sample: SampleResults) -> None:
     at = app_test(monkeypatch, sample.db_url, "cases")
     assert_clean(at)

@@ -201,6 +201,8 @@ def test_logreg_fits_on_training_cases_and_beats_an_empty_mask(synthetic_dataset
     model = predictor.model
     assert model.threshold_source == "validation" and 0 < model.threshold < 1
     assert model.fit.converged
+    # its budget is recorded like every entrant's: no gradient steps, so the card says so (not "does not train")
+    assert predictor.budget_used.used == 0 and str(predictor.budget_used).startswith("no gradient steps: closed-form fit")
     scores, empty = [], []
     for case in test:
         mask = predictor.predict(case)

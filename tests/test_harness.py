@@ -125,6 +125,30 @@ def test_a_run_in_which_every_case_failed_is_failed_and_bench_run_exits_1_saying
     assert Store.from_url(db_url).get_run(runs["run_id"].iloc[0]).error.startswith("every case failed")
 
 
+def test_bench_run_refuses_a_dataset_whose_labels_were_edited(dataset_dir: Path, tmp_path: Path) -> None:
+    """The dataset's version is recomputed from its files when a run is planned (issue 17): edited labels
+    never run under the pristine version that dataset.json still names; `bench run` says so in one line
+    and stores nothing."""
+    import shutil
+
+    import numpy as np
+
+    from bench.data.dataset import Dataset
+    from bench.imageio import read_image, write_image
+
+    copy = tmp_path / "data"
+    shutil.copytree(dataset_dir, copy)
+    label_path = Dataset.load(copy).cases[0].label_path
+    label, geometry = read_image(label_path)
+    write_image(np.logical_not(label).astype(np.uint8), geometry, label_path)
+    db = tmp_path / "bench.db"
+    result = CliRunner().invoke(app, ["run", str(ZADC), "--dataset", str(copy), "--results", str(tmp_path), "--db", f"sqlite:///{db}"],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "stored version" in result.output and "files hash to" in result.output and "fix:" in result.output
+    assert not db.exists() or Store.from_url(f"sqlite:///{db}").runs_frame().empty
+
+
 def test_a_relative_dataset_path_reaches_the_submission_process(dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The python kind predicts in a worker process with its own working directory (regression: the
     # demo passed datasets/... and every case failed with "file not found").

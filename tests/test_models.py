@@ -344,7 +344,7 @@ def test_exported_torchscript_submission_verifies_and_matches_the_run(aniso_run,
 
 @pytest.mark.slow
 def test_perf_models_reports_throughput_and_inference_time(dataset, tmp_path: Path) -> None:
-    from bench.models.perf import run_models_benchmark
+    from bench.perf.models import run_models_benchmark
 
     frame = run_models_benchmark(
         [REPO / "submissions" / "unet-monai"],
@@ -374,7 +374,7 @@ def test_perf_models_command_prints_the_table_and_writes_csv(tmp_path: Path, mon
     import typer
     from typer.testing import CliRunner
 
-    import bench.models.perf as perf
+    import bench.perf.models as perf
     from bench.cli.perf import models_command
 
     calls = {}
@@ -402,7 +402,7 @@ def test_importing_bench_models_stays_light() -> None:
     import subprocess
     import sys
 
-    code = "import sys, bench.models, bench.models.perf, bench.models.recipe; print(any(m in sys.modules for m in ('torch', 'monai', 'nnunetv2')))"
+    code = "import sys, bench.models, bench.perf.models, bench.models.recipe; print(any(m in sys.modules for m in ('torch', 'monai', 'nnunetv2')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "False"
 

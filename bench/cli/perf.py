@@ -163,7 +163,7 @@ def models_command(
     output: Annotated[Optional[Path], typer.Option(help="Also write the table as CSV.")] = None,
 ) -> None:
     """Training budget, patches/s and inference s/case of each entrant, next to nnU-Net's own predictor."""
-    from bench.models import perf as models_perf
+    from bench.perf import models as models_perf
 
     frame = models_perf.run_models_benchmark(
         submissions, dataset=dataset, size=size, train_cases=train_cases, iterations=iterations, repeats=repeats, schedule=schedule,

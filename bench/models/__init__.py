@@ -9,7 +9,7 @@ The harness only needs two functions from here:
 
 Recipes are described in :mod:`bench.models.recipe`, architectures in :mod:`bench.models.networks`,
 the trainer in :mod:`bench.models.trainer`, the nnU-Net adapter in :mod:`bench.models.nnunet`, speed
-measurements in :mod:`bench.models.perf`. This module imports nothing heavy: torch, MONAI and nnU-Net
+measurements in :mod:`bench.perf.models`. This module imports nothing heavy: torch, MONAI and nnU-Net
 are imported when a model is actually built.
 """
 

@@ -38,10 +38,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bench.imageio import write_text_atomic
-from bench.models.runfolder import append_log, claim_run_dir
+from bench.models.runfolder import append_log, claim_run_dir, read_budget_used, record_training
 
 if TYPE_CHECKING:
     from bench.data.dataset import Case
+    from bench.models.recipe import BudgetUsed
     from bench.preprocess import PreprocessingConfig
 
 #: The fitted model inside a run folder (its presence means the fold is trained).
@@ -301,6 +302,8 @@ class LogRegPredictor:
 
     def __init__(self, model: LogRegModel) -> None:
         self.model = model
+        #: What the fit used of the training budget (set by ``fit``; a closed-form fit uses none of it).
+        self.budget_used: "BudgetUsed | None" = None
 
     @classmethod
     def from_run_dir(cls, run_dir: Path) -> "LogRegPredictor":
@@ -378,7 +381,19 @@ class LogRegTrainable:
             model = self._fit(list(train_cases), list(val_cases), run_dir)
             write_text_atomic(run_dir / LOGREG_MODEL_FILE, json.dumps(model.to_json(), indent=1) + "\n")
             append_log(run_dir, f"finished: {run_dir / LOGREG_MODEL_FILE}")
-        return LogRegPredictor.from_run_dir(run_dir)
+        if read_budget_used(run_dir) is None:
+            record_training(run_dir, {"budget": self.closed_form_budget().to_dict(), "fit": "closed-form (Newton / IRLS)"})
+        predictor = LogRegPredictor.from_run_dir(run_dir)
+        predictor.budget_used = read_budget_used(run_dir)
+        return predictor
+
+    def closed_form_budget(self) -> "BudgetUsed":
+        """A closed-form fit takes no gradient step: 0 of the schedule's patch-voxel budget, recorded as
+        every entrant's is, so its card says so instead of "does not train"."""
+        from bench.models.recipe import BUDGET_UNIT, BudgetUsed, training_budget
+
+        planned = training_budget(self.schedule_name).planned
+        return BudgetUsed(schedule=self.schedule_name, unit=BUDGET_UNIT, planned=planned, used=0, steps=0, batch_size=0, patch_size=(), requested=0)
 
     def sample(self, cases: Sequence["Case"]) -> tuple[np.ndarray, np.ndarray]:
         """Class-balanced sample of brain voxels of ``cases``: ``(features (n, d), labels (n,))``.

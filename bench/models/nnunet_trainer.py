@@ -27,7 +27,7 @@ class BudgetTrainer(nnUNetTrainer):
     as a plain ``nnUNetTrainer``.
 
     ``train_seconds`` lists the wall-clock time of each epoch's training iterations (validation
-    excluded), from which :mod:`bench.models.perf` computes patches per second.
+    excluded), from which :mod:`bench.perf.models` computes patches per second.
     """
 
     max_steps: int | None = None

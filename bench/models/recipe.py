@@ -275,6 +275,8 @@ class BudgetUsed:
         )
 
     def __str__(self) -> str:
+        if self.steps == 0 and self.used == 0:  # a closed-form fit (the logistic regression)
+            return f"no gradient steps: closed-form fit (0 of {format_voxels(self.planned)} patch-voxels, {self.schedule} schedule)"
         return f"{format_voxels(self.used)} of {format_voxels(self.planned)} patch-voxels ({self.fraction:.0%}, {self.schedule} schedule)"
 
 

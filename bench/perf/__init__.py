@@ -7,7 +7,8 @@ unit tests.
 
 - :mod:`bench.perf.metrics`: the metric engine against medpy, MONAI and surface-distance.
 - :mod:`bench.perf.harness`: the harness's own per-case overhead beyond the predictor's time.
-- :mod:`bench.models.perf`: training and inference speed of every entrant beside nnU-Net's predictor.
+- :mod:`bench.perf.models`: training and inference speed of every entrant beside nnU-Net's predictor.
+- :mod:`bench.perf.sandbox`: the demo's benchmark with and without the prediction sandbox.
 - :mod:`bench.gpu_check`: the GPU check.
 - :mod:`bench.perf.fill`: synthetic results databases (tests, demos) and the leaderboard's and the app
   page's timings (:mod:`bench.app.perf` holds the Streamlit half).

@@ -153,7 +153,9 @@ else:
         st.warning(f"Cannot show this case: {exc}")
     else:
         if view.volumes.prediction is None:
-            st.info("The prediction file of this case is not available: showing the reference lesions only (as false negatives).")
+            where = (f"`{prediction_path}` is not on this machine (moved, deleted, or the results folder is mounted elsewhere)"
+                     if prediction_path else "the run stored no prediction path (the case failed)")
+            st.info(f"The prediction file of this case is not available: {where}. Showing the reference lesions only (as false negatives).")
 
 lesions = ui.case_lesions(ctx.url, ctx.version, str(row["run_id"]), case_id)
 if view is not None and view.volumes.display is not None and not view.volumes.display.is_identity:
