@@ -397,7 +397,8 @@ def test_postprocessing_follows_nnunets_rule() -> None:
 
 def test_postprocessing_files_are_read_by_name_only(tmp_path: Path) -> None:
     from bench.inference.nnunet import NnUNetRunError
-    from bench.models.nnunet import determine_postprocessing_in_process, load_postprocessing, save_postprocessing
+    from bench.inference.nnunet import load_postprocessing
+    from bench.models.nnunet import POSTPROCESSING_JSON, determine_postprocessing_in_process, save_postprocessing
 
     reference = np.zeros((4, 16, 16), np.uint8)
     reference[1:3, 2:8, 2:8] = 1
@@ -406,12 +407,12 @@ def test_postprocessing_files_are_read_by_name_only(tmp_path: Path) -> None:
     fns, kwargs, report = determine_postprocessing_in_process({"a": prediction}, {"a": reference})
     save_postprocessing(tmp_path, fns, kwargs, report)
     assert (tmp_path / "postprocessing.pkl").is_file(), "where nnUNetv2_apply_postprocessing looks"
-    postprocess = load_postprocessing(tmp_path)
+    postprocess = load_postprocessing(tmp_path / POSTPROCESSING_JSON)
     assert np.array_equal(postprocess(prediction.astype(bool)), reference.astype(bool))
-    assert load_postprocessing(tmp_path / "missing") is None
+    assert load_postprocessing(tmp_path / "missing" / POSTPROCESSING_JSON) is None
     (tmp_path / "postprocessing.json").write_text(json.dumps({"postprocessing_fns": ["os.system"], "postprocessing_kwargs": [{}]}))
     with pytest.raises(NnUNetRunError, match="unknown postprocessing function"):
-        load_postprocessing(tmp_path)
+        load_postprocessing(tmp_path / POSTPROCESSING_JSON)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -502,13 +502,6 @@ def save_postprocessing(folder: Path, pp_fns: list, pp_kwargs: list[dict[str, An
     write_text_atomic(folder / POSTPROCESSING_JSON, json.dumps(report, indent=2, default=float) + "\n")
 
 
-def load_postprocessing(folder: Path):
-    """The postprocessing recorded in ``folder/postprocessing.json`` (see :func:`bench.inference.nnunet.load_postprocessing`)."""
-    from bench.inference.nnunet import load_postprocessing as load
-
-    return load(Path(folder) / POSTPROCESSING_JSON)
-
-
 # --------------------------------------------------------------------------------------------------
 # The Trainable and its predictor
 # --------------------------------------------------------------------------------------------------
@@ -827,7 +820,9 @@ class NnUNetEnsemblePredictor:
         self.checkpoint = checkpoint
         self.device = select_device(device)
         self.postprocessing_folder = Path(postprocessing_folder) if postprocessing_folder is not None else None
-        self.postprocess = load_postprocessing(self.postprocessing_folder) if self.postprocessing_folder is not None else None
+        from bench.inference.nnunet import load_postprocessing
+
+        self.postprocess = load_postprocessing(Path(self.postprocessing_folder) / POSTPROCESSING_JSON) if self.postprocessing_folder is not None else None
         for fold in self.folds:
             if not (self.model_folder / f"fold_{fold}" / checkpoint).is_file():
                 raise NnUNetError(f"{self.model_folder / f'fold_{fold}' / checkpoint}: no trained nnU-Net checkpoint")
