@@ -101,3 +101,43 @@ def test_no_library_module_imports_the_cli_framework() -> None:
             if any(name == "typer" or name.startswith("typer.") or name in ("click",) for name in names):
                 offenders.append(str(path.relative_to(REPO)))
     assert offenders == [], f"typer/click imported outside bench/cli/: {offenders}"
+
+
+def test_sigterm_unwinds_and_leaves_no_temporary_folders(tmp_path: Path) -> None:
+    """`timeout` or a scheduler stopping `bench submission verify` mid-probe: the probe's and the sandbox's
+    temporary folders are removed, as on Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    from support import write_python_submission
+
+    slow = write_python_submission(tmp_path / "slow", "import time\n\ndef predict(case):\n    time.sleep(60)\n", "slow")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "bench.cli", "submission", "verify", str(slow)], cwd=REPO,
+                               env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not list(scratch.glob("hiebench-probe-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(scratch.glob("hiebench-probe-*")), "the probe started"
+    time.sleep(2.0)  # the predictor is running
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert not list(scratch.glob("hiebench-probe-*")) and not [p for p in scratch.glob("hiebench-sandbox-*") if p.is_dir()], \
+        sorted(p.name for p in scratch.iterdir())
+
+
+def test_a_models_error_is_one_bounded_line_naming_where_it_was_raised() -> None:
+    from bench.submissions.predictors import MAX_ERROR_CHARS, describe_exception
+
+    def predict():
+        raise RuntimeError("x" * 5000 + "\nsecond line")
+
+    try:
+        predict()
+    except RuntimeError as exc:
+        text = describe_exception(exc)
+    assert "\n" not in text and len(text) < MAX_ERROR_CHARS + 200
+    assert text.startswith("RuntimeError: xxx") and "(5,012 characters)" in text and "in predict" in text

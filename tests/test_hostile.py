@@ -265,6 +265,22 @@ def test_a_prediction_linked_out_of_the_folder_is_refused(synthetic_dataset: Dat
     assert any("symbolic link" in p.message for p in verify_submission(folder, run_model=False))
 
 
+def test_a_label_hard_linked_into_a_submission_is_refused(synthetic_dataset_copy: Dataset, tmp_path: Path) -> None:
+    """A hard link is no symlink, but shares the file: a python model reading /submission/labels/<case>
+    would read the reference itself. Refused by the content hash (so `bench run`) and by verify."""
+    folder = tmp_path / "cheat"
+    (folder / "labels").mkdir(parents=True)
+    (folder / "submission.yaml").write_text(adv.BASE_MANIFEST.format(name="cheat") + "kind: python\nentry: predict.py:predict\n"
+                                           "inputs: {channels: [ADC, Z-ADC], space: native}\n")
+    (folder / "predict.py").write_text("def predict(case):\n    return None\n")
+    case = synthetic_dataset_copy.cases[0]
+    os.link(case.label_path, folder / "labels" / case.label_path.name)
+    with pytest.raises(SubmissionError) as caught:
+        content_hash(folder)
+    assert "hard link" in str(caught.value.problems[0]) and one_line(str(caught.value.problems[0]))
+    assert any("hard link" in p.message for p in verify_submission(folder, run_model=False))
+
+
 def test_a_link_inside_the_folder_is_hashed_by_its_content(tmp_path: Path) -> None:
     folder = predictions_folder(tmp_path / "linked")
     real = adv.write(folder / "store" / "mask.nii.gz", adv.label_array())

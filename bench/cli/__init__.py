@@ -66,13 +66,21 @@ guard_commands(app)
 
 def main(argv: list[str] | None = None) -> None:
     """The ``bench`` entry point; ``--debug`` may stand anywhere on the command line."""
+    import signal
     import sys
 
     from bench.cli import common
 
     args = list(sys.argv[1:] if argv is None else argv)
     common.DEBUG = "--debug" in args
+    # SIGTERM (timeout, a scheduler, kill) unwinds like Ctrl-C, so every `with` block cleans up: the
+    # probe's and the sandbox's temporary folders never stay behind (`bench worker` sets its own handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     app(args=[a for a in args if a != "--debug"], prog_name="bench")
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":  # pragma: no cover

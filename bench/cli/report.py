@@ -32,7 +32,14 @@ _MetricOption = Annotated[
     Optional[list[str]], typer.Option("--metric", "-m", help=f"Metric to show (repeatable; the first ranks). Default: {', '.join(DEFAULT_METRICS)}.")
 ]
 _DatasetOption = Annotated[Optional[str], typer.Option("--dataset", help="Dataset name or version (default: every dataset, one table each).")]
-_ProtocolOption = Annotated[Optional[str], typer.Option("--protocol", help=f"{', '.join(PROTOCOLS)} (default: every protocol, one table each).")]
+def _known_protocol(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in PROTOCOLS:
+        raise typer.BadParameter(f"unknown protocol {value!r} (fix: use one of {', '.join(PROTOCOLS)})")
+    return value
+
+
+_ProtocolOption = Annotated[Optional[str], typer.Option("--protocol", callback=_known_protocol,
+                                                        help=f"{', '.join(PROTOCOLS)} (default: every protocol, one table each).")]
 _SiteOption = Annotated[Optional[str], typer.Option("--site", help="Only cases of this site (bootstrap within it).")]
 _BootOption = Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples for CIs and rank stability.")]
 _SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")]
@@ -44,6 +51,17 @@ _FormatOption = Annotated[
     TableFormat,
     typer.Option("--format", "-f", help="table (rich, full width when piped), csv (every column) or markdown (one table per group)."),
 ]
+
+
+def _nothing_matches(store, **filters) -> str:
+    """Why a leaderboard is empty, with what the database does hold (sites, protocols, datasets)."""
+    frame = store.case_results_frame(metrics=("dice",), details=False)
+    if frame.empty:
+        return "no case results in this database (fix: run `bench run` or `bench demo` first)"
+    held = {"dataset": sorted(frame["dataset"].astype(str).unique()), "protocol": sorted(frame["protocol"].astype(str).unique()),
+            "site": sorted(frame["site"].astype(str).unique())}
+    asked = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v is not None) or "these filters"
+    return f"no case results match {asked} (fix: choose from " + "; ".join(f"{k}: {', '.join(v)}" for k, v in held.items()) + ")"
 
 
 def _fail(message: str) -> None:
@@ -73,7 +91,7 @@ def leaderboard_command(
     except (ResultsNotFound, StoreError, KeyError, ValueError) as exc:
         _fail(str(exc).strip('"'))
     if table.empty:
-        _fail("no case results match the filters")
+        _fail(_nothing_matches(store, dataset=dataset, protocol=protocol, site=site))
     if format is TableFormat.table:
         render_leaderboard(table, metrics)
         render_lesion_sizes(lesion_size_table(store, table))

@@ -324,11 +324,16 @@ class Database:
         """
         if self._sqlite_file is not None and not self._sqlite_file.is_file():
             return False
-        with self.engine.connect() as conn:
-            inspector = sa.inspect(conn)
-            if not inspector.has_table(case_results_table.name):
-                return False
-            outdated = any({c.name for c in table.columns} - {c["name"] for c in inspector.get_columns(table.name)} for table in _GROWING_TABLES)
+        try:
+            with self.engine.connect() as conn:
+                inspector = sa.inspect(conn)
+                if not inspector.has_table(case_results_table.name):
+                    return False
+                outdated = any({c.name for c in table.columns} - {c["name"] for c in inspector.get_columns(table.name)} for table in _GROWING_TABLES)
+        except sa.exc.DatabaseError as exc:  # e.g. a file that is not SQLite at all
+            reason = " ".join(str(getattr(exc, "orig", exc)).split())
+            raise StoreUrlError(f"{self.url.render_as_string(hide_password=True)} is not a results database ({reason}) "
+                                "(fix: pass the bench.db that `bench run` wrote, or a new path to start one)") from exc
         if outdated:
             self.create_all()
         return True

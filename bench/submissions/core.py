@@ -374,9 +374,14 @@ def _content_target(root: Path, relative: Path) -> Path:
         if target != root and root not in target.parents:
             raise SubmissionError(root, [Problem("error", relative.as_posix(), f"is a symbolic link to {target}, outside the submission folder", fix)])
         full = target
-    mode = full.stat().st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    info = full.stat()
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
         raise SubmissionError(root, [Problem("error", relative.as_posix(), "is not a regular file (a FIFO, socket or device)", "remove it from the folder")])
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        # a hard link shares its content with a file elsewhere on the host, a dataset's labels for one:
+        # the sandbox mounts the submission folder, so the model would read that file through it
+        raise SubmissionError(root, [Problem("error", relative.as_posix(), f"is a hard link ({info.st_nlink} names for one file): it shares its "
+                                             "content with a file outside the submission", "replace it with a copy of its own (cp, not ln)")])
     return full
 
 

@@ -205,7 +205,7 @@ class SubmissionPredictor:
         except PredictionError:
             raise
         except Exception as exc:
-            raise PredictionCrash(case.case_id, describe_exception(exc), "see the traceback above; run the model on this case locally") from exc
+            raise PredictionCrash(case.case_id, describe_exception(exc), "run the model on this case locally and fix the error shown") from exc
 
     def close(self) -> None:
         """End the worker process (if any) and release the model."""
@@ -227,12 +227,23 @@ class SubmissionPredictor:
             pass
 
 
-def describe_exception(exc: BaseException, *, lines: int = 8) -> str:
-    """``Type: message`` plus the last lines of the traceback, for messages shown to submitters."""
+#: Longest exception message shown to a submitter (a model may raise megabytes of text).
+MAX_ERROR_CHARS = 300
+
+
+def describe_exception(exc: BaseException, *, frames: int = 3) -> str:
+    """One line for a submitter: ``Type: message (at predict.py:12 in predict; ...)``, the message cut
+    at :data:`MAX_ERROR_CHARS` and the place its last ``frames`` frames in the submission's own code
+    (the innermost frames anywhere when none is). Stored with the failed case and shown by verify."""
     import traceback
 
-    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip().splitlines()
-    return f"{type(exc).__name__}: {exc}\n" + "\n".join(trace[-lines:])
+    message = " ".join(str(exc).split())
+    if len(message) > MAX_ERROR_CHARS:
+        message = f"{message[:MAX_ERROR_CHARS]}... ({len(message):,} characters)"
+    stack = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in stack if "/submission/" in f.filename or f.filename.startswith(str(SANDBOX_SUBMISSION))] or stack[-1:]
+    where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in own[-frames:])
+    return f"{type(exc).__name__}: {message}" + (f" (at {where})" if where else "")
 
 
 def _npy_size_cap(shape: tuple[int, ...], bytes_per_voxel: int = 16) -> int:

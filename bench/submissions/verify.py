@@ -111,11 +111,19 @@ def _marked(text: str) -> bool:
 
 
 def _folder_problems(submission: Submission) -> list[Problem]:
+    """Every entry that is a link or not a regular file (each reported, not only the first)."""
+    from bench.submissions.core import SubmissionError, _content_target
+
     problems = []
     for relative in iter_content_files(submission.path):
         if (submission.path / relative).is_symlink():
             problems.append(Problem("error", relative.as_posix(), "is a symbolic link",
                                     "replace the link with a copy of the file: submissions must be self-contained"))
+            continue
+        try:
+            _content_target(submission.path, relative)
+        except SubmissionError as exc:
+            problems += exc.problems
     return problems
 
 
