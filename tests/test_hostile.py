@@ -281,6 +281,14 @@ def test_a_label_hard_linked_into_a_submission_is_refused(synthetic_dataset_copy
     assert any("hard link" in p.message for p in verify_submission(folder, run_model=False))
 
 
+def test_a_symlinked_manifest_is_refused_not_read(synthetic_dataset: Dataset, tmp_path: Path) -> None:
+    folder = tmp_path / "linked-manifest"
+    folder.mkdir()
+    (folder / "submission.yaml").symlink_to(synthetic_dataset.root / "cases.csv")
+    problems = verify_submission(folder, run_model=False)
+    assert [p.message for p in problems] == ["is a symbolic link"] and problems[0].where == "submission.yaml"
+
+
 def test_a_link_inside_the_folder_is_hashed_by_its_content(tmp_path: Path) -> None:
     folder = predictions_folder(tmp_path / "linked")
     real = adv.write(folder / "store" / "mask.nii.gz", adv.label_array())

@@ -65,7 +65,7 @@ def _nothing_matches(store, **filters) -> str:
 
 
 def _fail(message: str) -> None:
-    typer.secho(message, err=True, fg=typer.colors.RED)
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)  # the style of every CLI error (bench.cli.common)
     raise typer.Exit(1)
 
 

@@ -246,6 +246,8 @@ def _load_manifest(path: Path) -> tuple[Any, list[Problem]]:
     if not path.is_dir():
         return None, [Problem("error", str(path), "is not a folder", "pass the folder that holds submission.yaml")]
     manifest_path = path / MANIFEST_NAME
+    if manifest_path.is_symlink():  # never read a file from elsewhere as the manifest
+        return None, [Problem("error", MANIFEST_NAME, "is a symbolic link", f"replace it with the {MANIFEST_NAME} file itself")]
     if not manifest_path.is_file():
         return None, [
             Problem("error", MANIFEST_NAME, "missing", f"create {MANIFEST_NAME} (bench submission new NAME --kind K writes one)")
