@@ -654,3 +654,13 @@ def test_query_parameter_picks_the_database(monkeypatch: pytest.MonkeyPatch, tmp
     assert at.title[0].value == "Leaderboard" and len(shown_table(at, "Rank", "Card")) == 3
     assert any("from --db / ?db=" in caption.value for caption in at.caption)
     assert not math.isnan(shown_table(at, "Rank", "Card")["dice ↑"].iloc[0])
+
+
+def test_the_submit_page_defaults_to_a_dataset_with_results_not_the_first_folder_by_name(store: Store, sample: SampleResults, tmp_path: Path) -> None:
+    """Regression: after `make demo`, datasets/hie-synth-demo sorted first and the Submit page checked an
+    upload against it instead of the dataset the results are about."""
+    other = tmp_path / "aaa-first-by-name"
+    other.mkdir()
+    choices = {"aaa-first-by-name": other, "the sample": sample.dataset}
+    assert uploads.default_dataset(choices, store) == 1
+    assert uploads.default_dataset(choices, None) == 0 and uploads.default_dataset({}, store) == 0

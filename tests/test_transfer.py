@@ -300,3 +300,23 @@ def test_bench_run_refuses_weights_pre_trained_on_the_dataset_it_benchmarks(tmp_
     shipped = checkpoint_provenance(REPO / "submissions" / "unet-monai-pretrained" / "pretrained" / "unet-monai-cpu.pt")
     assert shipped is not None and shipped["pool"]["synthetic"] and shipped["pool"]["seed"] == 9001
     assert all(site.startswith("Pretrain") for site in shipped["pool"]["sites"])
+
+
+@pytest.mark.slow
+def test_bench_pretrain_command_writes_weights_and_their_provenance(tmp_path: Path) -> None:
+    """`bench pretrain` end to end on the CLI: a tiny synthetic pool of its own, one epoch, an int8 export
+    with the provenance file `bench run` checks the benchmark dataset against."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    out = tmp_path / "w.pt"
+    result = CliRunner().invoke(app, ["pretrain", str(REPO / "submissions" / "unet-monai"), "--params", '{"channels": [4, 8, 16]}',
+                                      "--pool-cases", "4", "--pool-sites", "2", "--pool-size", "tiny", "--epochs", "1", "--device", "cpu",
+                                      "--results", str(tmp_path / "results"), "--export", str(out), "--precision", "int8"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    provenance = json.loads(out.with_name(out.name + ".provenance.json").read_text())
+    assert out.is_file() and provenance["pool"]["synthetic"] and provenance["pool"]["cases"] == 4
+    assert all(site.startswith("Pretrain") for site in provenance["pool"]["sites"])

@@ -303,6 +303,23 @@ def available_datasets(store: Store | None, data_root: str | Path) -> dict[str, 
     return {label: folder for folder, label in sorted(found.items(), key=lambda item: item[1])}
 
 
+def default_dataset(choices: dict[str, Path], store: Store | None, scope_version: str | None = None) -> int:
+    """Index in ``choices`` (from :func:`available_datasets`) of the dataset a run should default to: the
+    one in the sidebar's scope (``scope_version``), else the first the results database knows, else the
+    first folder; never merely the first name under the data root (a demo cohort beside other results)."""
+    labels = list(choices)
+    if store is None or not labels or not store.has_results():
+        return 0
+    roots = store.datasets_frame()
+    wanted = [Path(r).resolve() for r in roots.loc[roots["version"] == scope_version, "root"].dropna()] if scope_version else []
+    wanted += [Path(r).resolve() for r in roots["root"].dropna()]
+    for root in wanted:
+        for index, label in enumerate(labels):
+            if choices[label].resolve() == root:
+                return index
+    return 0
+
+
 def run_spec(
     submission: str | Path,
     dataset: str | Path,

@@ -61,7 +61,9 @@ choices = uploads.available_datasets(ctx.store, ctx.source.data_root)
 if not choices:
     st.warning(f"No dataset found (none registered in the database, none under `{ctx.source.data_root}`). Create one with `make demo` or `bench data synth`.")
 columns = st.columns([3, 2, 1])
-dataset_label = columns[0].selectbox("Dataset", list(choices), key="submit_dataset")
+default = uploads.default_dataset(choices, ctx.store, st.session_state.get("scope_dataset"))
+dataset_label = columns[0].selectbox("Dataset", list(choices), index=default, key="submit_dataset",
+                                     help="Default: the dataset in the sidebar's scope, else the first one with results.")
 protocol = columns[1].radio("Protocol", list(queries.PROTOCOL_LABELS), format_func=queries.PROTOCOL_LABELS.__getitem__, key="submit_protocol", horizontal=True)
 folds = columns[2].number_input("Folds", min_value=2, max_value=10, value=5, key="submit_folds", disabled=protocol != "kfold")
 replace = st.checkbox(uploads.REPLACE_LABEL, key="submit_replace")
