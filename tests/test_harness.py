@@ -119,6 +119,7 @@ def test_a_run_in_which_every_case_failed_is_failed_and_bench_run_exits_1_saying
                                 env={"COLUMNS": "250"})
     assert result.exit_code == 1, result.output
     assert "every case failed" in result.output and "weights missing from the submission" in result.output
+    assert " ".join(result.output.split()).count("(fix:") == 1, "one fix, not one nested in another"
     assert "Traceback" not in result.output
     runs = Store.from_url(db_url).runs_frame()
     assert runs["run_status"].tolist() == ["failed"]

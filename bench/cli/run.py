@@ -113,11 +113,16 @@ def _fail_if_nothing_scored(by_run: dict, db_url: str) -> None:
     if not empty:
         return
     store = Store.from_url(db_url)
-    reasons = []
+    reasons, fixes = [], []
     for run_id in empty:
-        reasons += [f"{error.splitlines()[0][:200]} ({count} case(s))" for error, count in store.failure_reasons(run_id, limit=2)]
+        for error, count in store.failure_reasons(run_id, limit=2):
+            # a stored error reads "what (fix: how)": the what goes in the message, the how into the one fix
+            what, _, how = error.splitlines()[0].partition(" (fix: ")
+            reasons.append(f"{what[:200]} ({count} case(s))")
+            fixes.append(how.rstrip(")") if how else "")
+    fix = "; ".join(f for f in dict.fromkeys(fixes) if f) or "fix the error shown"
     raise CliError(f"every case failed in {len(empty)} run(s): " + "; ".join(dict.fromkeys(reasons)),
-                   "fix the error shown and rerun the same command (failed cases are retried)", code=1)
+                   f"{fix}, then rerun the same command (failed cases are retried)", code=1)
 
 
 def _learning_curves(console, by_run: dict, protocols: list[str], db_url: str, results_dir: Path) -> None:
