@@ -66,11 +66,10 @@ class RayExecutor:
     _started_here: bool = field(default=False, init=False, repr=False)
 
     def map(self, units: Sequence[FoldUnit], on_result: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:
-        from bench.harness import UnitResult, _execute, longest_first
+        from bench.harness import UnitResult, _execute
 
         if not units:
             return []
-        units = longest_first(units)  # the long trainings start first, so none runs alone at the end
         ray = self._connect()
         pending: dict = {}
         try:

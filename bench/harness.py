@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bench import __version__
 from bench.data.dataset import Case, Dataset
-from bench.constants import DEFAULT_CONVENTION, DEFAULT_LESION_RULE, ProtocolName
+from bench.constants import DEFAULT_CONVENTION, DEFAULT_LESION_RULE, FULL_TRAINING, ProtocolName
 from bench.data.splits import Fold
 from bench.fractions import subsample_training
 from bench.results import CaseResult, LesionRow
@@ -64,7 +64,7 @@ class RunSpec(BaseModel):
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     #: Share of each fold's training cases a trainable submission trains on (site-stratified, nested,
     #: by seed: bench.fractions.subsample_training); in the run id only when it is not 1.
-    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    train_fraction: float = Field(FULL_TRAINING, gt=0.0, le=1.0)
 
 
 def run_id(
@@ -420,8 +420,7 @@ class LocalExecutor:
         n_gpus = len(torch_facts().gpus)
         with ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_pin_worker,
                                  initargs=(indices, n_gpus, self.workers)) as pool:
-            # longest first, so that the last long unit does not run alone while the other workers idle
-            futures = [pool.submit(_execute, unit) for unit in longest_first(units)]
+            futures = [pool.submit(_execute, unit) for unit in units]  # in run_benchmark's order: longest first
             for future in as_completed(futures):
                 results.append(future.result())
                 if on_result:
@@ -474,16 +473,14 @@ def plan_run(spec: RunSpec) -> PlannedRun:
                     "budget": training_budget(spec.schedule).to_dict()}
         # --- transfer learning and training fractions (bench.models.transfer, bench.fractions) ---
         # added only when used, so the ids of existing runs do not change
-        from bench.models.transfer import transfer_identity
+        from bench.models.pretrain import check_pool_disjoint, checkpoint_provenance
+        from bench.models.transfer import checkpoint_identity, declared_checkpoint
 
-        if (transfer := transfer_identity(submission.manifest.recipe, submission.path, schedule=spec.schedule, results_dir=spec.results_dir)) is not None:
-            training["transfer"] = transfer  # the checkpoint's declaration and content hash
-            from bench.models.pretrain import check_pool_disjoint, checkpoint_provenance
-            from bench.models.transfer import declared_checkpoint
-
-            _, weights = declared_checkpoint(submission.manifest.recipe, submission.path, schedule=spec.schedule, results_dir=spec.results_dir)
+        if (found := declared_checkpoint(submission.manifest.recipe, submission.path, schedule=spec.schedule, results_dir=spec.results_dir)) is not None:
+            config, weights = found
             check_pool_disjoint(checkpoint_provenance(weights), dataset, weights=weights)  # never pre-trained on the benchmark's data
-        if spec.train_fraction != 1.0:
+            training["transfer"] = checkpoint_identity(config, weights)  # the checkpoint's declaration and content hash
+        if spec.train_fraction != FULL_TRAINING:
             training["train_fraction"] = spec.train_fraction
         # --- end ---
     identity = run_id(
@@ -575,7 +572,8 @@ def run_benchmark(
         specs = [spec.model_copy(update={"schedule": schedule_for(spec.schedule)}) for spec in specs]
     planned = [plan_run(spec) for spec in specs]
     try:
-        results = executor.map([unit for run in planned for unit in run.units], on_result)
+        # longest first, whatever the executor: the last long unit must not run alone while other workers idle
+        results = executor.map(longest_first([unit for run in planned for unit in run.units]), on_result)
     finally:
         close_shared_predictors()
     by_run: dict[str, list[UnitResult]] = {run.run_id: [] for run in planned}

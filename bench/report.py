@@ -34,6 +34,7 @@ import hashlib
 import html
 import math
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -182,7 +183,7 @@ def leaderboard_table(
 def leaderboard_pairs(board: pd.DataFrame, cases: pd.DataFrame, metric: str, twins: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
     """The paired tests under one leaderboard: each submission against the one ranked just below it
     (:data:`PAIR_NEXT`), and each transfer twin against its from-scratch submission (:data:`PAIR_TWIN`,
-    ``twins`` as ``(pre-trained, scratch)`` labels: :func:`bench.models.transfer.is_transfer_twin`).
+    ``twins`` as ``(pre-trained, scratch)`` labels: :attr:`RunFacts.twins`).
 
     Paired Wilcoxon signed-rank tests on the per-case ``metric`` (:func:`bench.stats.pairwise_wilcoxon`,
     failed cases at the worst value), Holm-corrected over these pairs only. Columns: ``relation`` and
@@ -203,25 +204,6 @@ def leaderboard_pairs(board: pd.DataFrame, cases: pd.DataFrame, metric: str, twi
     tests = stats.pairwise_wilcoxon(cases, metric, alpha=PAIR_ALPHA, pairs=list(relations))
     tests.insert(0, "relation", ["; ".join(relations[a, b]) for a, b in zip(tests["submission_a"], tests["submission_b"])])
     return tests.assign(metric=metric)
-
-
-def transfer_twins(store: Store, group: pd.DataFrame) -> list[tuple[str, str]]:
-    """``(pre-trained, scratch)`` label pairs among the group's submissions (their stored manifests)."""
-    from bench.models.transfer import is_transfer_twin
-
-    labels = dict(zip(group["submission_hash"].astype(str), group["submission"].astype(str)))
-    manifests = store.submission_manifests(list(labels))
-    runs = store.runs_frame(run_ids=group["run_id"].astype(str).unique().tolist())
-    # only twins whose run did load weights: a schedule may train the twin from scratch (checkpoint: null)
-    loaded = {str(r.submission_hash) for r in runs.itertuples() if _loaded_weights(r.budget)} if not runs.empty else set()
-    return [(labels[a], labels[b]) for a in manifests for b in manifests
-            if a != b and a in loaded and is_transfer_twin(manifests[a], manifests[b])]
-
-
-def _loaded_weights(budget: Any) -> bool:
-    """Whether a run's stored budget record says a fold was initialised from a checkpoint."""
-    folds = budget.get("folds") if isinstance(budget, dict) else None
-    return isinstance(folds, dict) and any(isinstance(f, dict) and f.get("transfer") for f in folds.values())
 
 
 def board_pairs(table: pd.DataFrame, key: Sequence[Any] | None = None) -> pd.DataFrame:
@@ -249,15 +231,14 @@ def _leaderboard_groups(store: Store, frame: pd.DataFrame, metrics: list[str], *
     tables, pairs = [], []
     for key, group in frame.groupby(list(GROUP_COLUMNS), sort=True, observed=True):
         table = stats.leaderboard(group, metrics, n_boot=n_boot, confidence=confidence, seed=seed)
-        tested = leaderboard_pairs(table, group, metrics[0], transfer_twins(store, group))
+        facts = run_facts(store, group)
+        tested = leaderboard_pairs(table, group, metrics[0], facts.twins)
         pairs.append(tested.assign(**dict(zip(GROUP_COLUMNS, key))))
         if probabilities:
             group_lesions = None if lesions is None else lesions[lesions["run_id"].isin(group["run_id"].unique())]
             extra = probability_summary(group, group_lesions, n_boot=n_boot, confidence=confidence, seed=seed)
             table = table.assign(submission=table["submission"].astype(str)).merge(extra, on="submission", how="left")
-        labels = table["submission"].astype(str)
-        table = table.assign(budget=labels.map(run_budgets(store, group)).fillna("–"),
-                             resolution=labels.map(run_resolutions(store, group)).fillna("–"))
+        table = with_run_facts(table, facts)
         for column, value in reversed(list(zip(GROUP_COLUMNS, key))):
             table.insert(0, column, value)
         table.insert(len(GROUP_COLUMNS), "site", site or stats.OVERALL)
@@ -267,31 +248,58 @@ def _leaderboard_groups(store: Store, frame: pd.DataFrame, metrics: list[str], *
     return pd.concat(tables, ignore_index=True), pd.concat(pairs, ignore_index=True)
 
 
-def run_budgets(store: Store, group: pd.DataFrame) -> dict[str, str]:
-    """Submission label -> the training budget its run used, in one line ("–": it does not train)."""
-    runs = store.runs_frame(run_ids=group["run_id"].unique().tolist())
-    if runs.empty or "budget" not in runs:
-        return {}
-    return {str(r.submission): (r.budget or {}).get("summary", "–") if isinstance(r.budget, dict) else "–" for r in runs.itertuples()}
+@dataclass(frozen=True)
+class RunFacts:
+    """What the leaderboard shows of the runs of one group beside their scores, keyed by submission label:
+    the training budget used (one line; "–": it does not train), the resolution its model saw, and the
+    ``(pre-trained, scratch)`` transfer-twin pairs. Read once per group by :func:`run_facts`."""
+
+    budgets: dict[str, str]
+    resolutions: dict[str, str]
+    twins: list[tuple[str, str]]
 
 
-def run_resolutions(store: Store, group: pd.DataFrame) -> dict[str, str]:
-    """Submission label -> the resolution its model saw: the policy its preprocessing id names
-    (``median``, ``native``, ``6x0.8x0.8mm``; :attr:`bench.preprocess.PreprocessingConfig.id`), or
-    nnU-Net's own resampling for the nnU-Net trainer (it plans and resamples from native images)."""
-    runs = store.runs_frame(run_ids=group["run_id"].unique().tolist())
+def run_facts(store: Store, group: pd.DataFrame) -> RunFacts:
+    """:class:`RunFacts` of the runs of ``group`` (per-case rows): one runs query, one manifests query.
+
+    Resolution: the policy the run's preprocessing id names (``median``, ``native``, ``6x0.8x0.8mm``;
+    :attr:`bench.preprocess.PreprocessingConfig.id`), or nnU-Net's own resampling for the nnU-Net trainer.
+    Twins: :func:`bench.models.transfer.is_transfer_twin`, only where the twin's run did load weights (a
+    schedule may train it from scratch, ``checkpoint: null``).
+    """
+    from bench.models.transfer import is_transfer_twin
+
+    runs = store.runs_frame(run_ids=_run_ids(group)) if not group.empty else group
     if runs.empty:
-        return {}
+        return RunFacts({}, {}, [])
     manifests = store.submission_manifests(runs["submission_hash"].astype(str).unique().tolist())
-
-    def resolution(run: Any) -> str:
-        recipe = (manifests.get(str(run.submission_hash)) or {}).get("recipe") or {}
-        if isinstance(recipe, dict) and recipe.get("trainer") == "nnunet":
-            return "median (nnU-Net's own)"
+    budgets, resolutions, loaded, labels = {}, {}, set(), {}
+    for run in runs.itertuples():
+        label, content = str(run.submission), str(run.submission_hash)
+        labels[content] = label
+        budget = run.budget if isinstance(run.budget, dict) else {}
+        budgets[label] = budget.get("summary", "–")
+        if _loaded_weights(budget):
+            loaded.add(content)
+        recipe = (manifests.get(content) or {}).get("recipe") or {}
         prefix, separator, _ = str(run.preprocessing_id or "").partition("-")
-        return prefix if separator or prefix == "native" else "–"
+        resolutions[label] = ("median (nnU-Net's own)" if isinstance(recipe, dict) and recipe.get("trainer") == "nnunet"
+                              else prefix if separator or prefix == "native" else "–")
+    twins = [(labels[a], labels[b]) for a in loaded for b in manifests
+             if a != b and a in manifests and b in labels and is_transfer_twin(manifests[a], manifests[b])]
+    return RunFacts(budgets, resolutions, twins)
 
-    return {str(r.submission): resolution(r) for r in runs.itertuples()}
+
+def _loaded_weights(budget: dict) -> bool:
+    """Whether a run's stored budget record says a fold was initialised from a checkpoint."""
+    folds = budget.get("folds")
+    return isinstance(folds, dict) and any(isinstance(f, dict) and f.get("transfer") for f in folds.values())
+
+
+def with_run_facts(table: pd.DataFrame, facts: RunFacts) -> pd.DataFrame:
+    """A leaderboard ``table`` with the ``budget`` and ``resolution`` columns of ``facts``."""
+    labels = table["submission"].astype(str)
+    return table.assign(budget=labels.map(facts.budgets).fillna("–"), resolution=labels.map(facts.resolutions).fillna("–"))
 
 
 def _uncertain_lesions(store: Store, frame: pd.DataFrame, *, site: str | None) -> pd.DataFrame | None:

@@ -230,7 +230,7 @@ def test_the_shipped_twin_differs_from_unet_monai_only_by_its_transfer() -> None
     weights = REPO / "submissions" / "unet-monai-pretrained" / transfer["checkpoint"]
     assert weights.stat().st_size < 2_000_000
     assert len(read_checkpoint(weights)) == 49
-    # the leaderboard's own twin rule (bench.report.transfer_twins) finds the pair, in that direction only
+    # the leaderboard's own twin rule (bench.report.run_facts) finds the pair, in that direction only
     from bench.models.transfer import is_transfer_twin
 
     twin, base = (yaml.safe_load((REPO / "submissions" / n / "submission.yaml").read_text()) for n in ("unet-monai-pretrained", "unet-monai"))

@@ -229,30 +229,27 @@ def leaderboard(
 
 def with_run_columns(store: Store, frame: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
     """``board`` with the ``budget`` and ``resolution`` of each submission's run, as the CLI leaderboard
-    shows them (:func:`bench.report.run_budgets`, :func:`bench.report.run_resolutions`)."""
-    from bench.report import run_budgets, run_resolutions
+    shows them (:func:`bench.report.run_facts`)."""
+    from bench.report import run_facts, with_run_facts
 
-    if board.empty:
-        return board.assign(budget=[], resolution=[])
-    labels = board["submission"].astype(str)
-    return board.assign(budget=labels.map(run_budgets(store, frame)).fillna("–"), resolution=labels.map(run_resolutions(store, frame)).fillna("–"))
+    return board.assign(budget=[], resolution=[]) if board.empty else with_run_facts(board, run_facts(store, _plain_labels(frame)))
 
 
 def twin_pairs(store: Store, frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """``(pre-trained, scratch)`` label pairs among the frame's submissions (:func:`bench.report.transfer_twins`)."""
-    from bench.report import transfer_twins
+    """``(pre-trained, scratch)`` label pairs among the frame's submissions (:attr:`bench.report.RunFacts.twins`)."""
+    from bench.report import run_facts
 
-    return transfer_twins(store, _plain_labels(frame)) if not frame.empty else []
+    return run_facts(store, _plain_labels(frame)).twins
 
 
 def paired_tests(store: Store, frame: pd.DataFrame, board: pd.DataFrame, metric: str, *, site: str | None = None) -> pd.DataFrame:
     """The paired tests under the scope's leaderboard ``board`` (``site``: on that site's cases):
     each rank against the next, each pre-trained twin against its scratch submission.
     :func:`bench.report.leaderboard_pairs`, as ``bench leaderboard`` prints them."""
-    from bench.report import leaderboard_pairs, transfer_twins
+    from bench.report import leaderboard_pairs
 
     part = _plain_labels(frame if site is None else frame[frame["site"].astype(str) == site])
-    return leaderboard_pairs(board, part, metric, transfer_twins(store, part))
+    return leaderboard_pairs(board, part, metric, twin_pairs(store, part))
 
 
 def probability_board(

@@ -381,10 +381,11 @@ class LogRegTrainable:
             model = self._fit(list(train_cases), list(val_cases), run_dir)
             write_text_atomic(run_dir / LOGREG_MODEL_FILE, json.dumps(model.to_json(), indent=1) + "\n")
             append_log(run_dir, f"finished: {run_dir / LOGREG_MODEL_FILE}")
-        if read_budget_used(run_dir) is None:
-            record_training(run_dir, {"budget": self.closed_form_budget().to_dict(), "fit": "closed-form (Newton / IRLS)"})
         predictor = LogRegPredictor.from_run_dir(run_dir)
         predictor.budget_used = read_budget_used(run_dir)
+        if predictor.budget_used is None:  # recorded once, beside the fit (a reloaded fold reads it back)
+            predictor.budget_used = self.closed_form_budget()
+            record_training(run_dir, {"budget": predictor.budget_used.to_dict(), "fit": "closed-form (Newton / IRLS)"})
         return predictor
 
     def closed_form_budget(self) -> "BudgetUsed":

@@ -380,9 +380,11 @@ def transfer_identity(recipe: Mapping[str, Any] | Any, submission_dir: Path, *, 
     checkpoint file (``None`` without transfer). :class:`TransferError` when the checkpoint is missing,
     so a run is never planned against weights that are not there."""
     found = declared_checkpoint(recipe, submission_dir, schedule=schedule, results_dir=results_dir)
-    if found is None:
-        return None
-    config, path = found
+    return None if found is None else checkpoint_identity(*found)
+
+
+def checkpoint_identity(config: Any, path: Path) -> dict[str, Any]:
+    """The transfer declaration ``config`` and the SHA-256 of the checkpoint ``path`` it names."""
     return {**config.model_dump(mode="json"), "sha256": file_sha256(path)}
 
 

@@ -33,11 +33,10 @@ def run_sandbox_benchmark(*, quick: bool = False, work_dir: Path | None = None, 
     """Rows ``submission, sandbox_s, none_s, ratio`` (and a ``total`` row); see the module docstring."""
     import pandas as pd
 
-    from bench.constants import CROSS_VALIDATION_PROTOCOLS
     from bench.data.synth import generate_synthetic_dataset
-    from bench.demo import DEMO_PROTOCOLS, DEMO_SUBMISSIONS
+    from bench.demo import DEMO_SUBMISSIONS, demo_specs
     from bench.device import default_workers
-    from bench.harness import RunSpec, run_benchmark
+    from bench.harness import run_benchmark
 
     names = submissions or (QUICK_SUBMISSIONS if quick else DEMO_SUBMISSIONS)
     workers = workers or default_workers()
@@ -49,9 +48,8 @@ def run_sandbox_benchmark(*, quick: bool = False, work_dir: Path | None = None, 
         seconds: dict[tuple[str, bool], float] = {}
         for sandbox in (True, False):
             results = root / f"results-{'sandbox' if sandbox else 'none'}"
-            specs = [RunSpec(submission=root_of_submissions / name, dataset=dataset.root, protocol=protocol, folds=3,
-                             schedule="cpu", results_dir=results, db_url=f"sqlite:///{results / 'bench.db'}", sandbox=sandbox)
-                     for name in names for protocol in DEMO_PROTOCOLS.get(name, CROSS_VALIDATION_PROTOCOLS)]
+            specs = demo_specs(root_of_submissions, names, data=dataset.root, results=results, db_url=f"sqlite:///{results / 'bench.db'}",
+                               folds=3, sandbox=sandbox)
             started = time.perf_counter()
             by_run = run_benchmark(specs, workers=workers)
             seconds["total", sandbox] = time.perf_counter() - started

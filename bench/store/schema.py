@@ -329,7 +329,7 @@ class Database:
                 inspector = sa.inspect(conn)
                 if not inspector.has_table(case_results_table.name):
                     return False
-                outdated = any({c.name for c in table.columns} - {c["name"] for c in inspector.get_columns(table.name)} for table in _GROWING_TABLES)
+                outdated = any(missing_columns(inspector, table) for table in _GROWING_TABLES)
         except sa.exc.DatabaseError as exc:  # e.g. a file that is not SQLite at all
             reason = " ".join(str(getattr(exc, "orig", exc)).split())
             raise StoreUrlError(f"{self.url.render_as_string(hide_password=True)} is not a results database ({reason}) "
@@ -358,13 +358,16 @@ class Database:
                 engine.dispose()
 
 
+def missing_columns(inspector: Any, table: sa.Table) -> list[sa.Column]:
+    """Columns of ``table`` that the database's copy of it lacks (added since it was created)."""
+    present = {column["name"] for column in inspector.get_columns(table.name)}
+    return [column for column in table.columns if column.name not in present]
+
+
 def add_missing_columns(conn: Connection, table: sa.Table) -> None:
     """``ALTER TABLE ... ADD COLUMN`` for every column of ``table`` the database lacks (with its server default)."""
     quote = conn.dialect.identifier_preparer.quote
-    present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
-    for column in table.columns:
-        if column.name in present:
-            continue
+    for column in missing_columns(sa.inspect(conn), table):
         default = f" DEFAULT '{column.server_default.arg}'" if column.server_default is not None else ""
         null = " NOT NULL" if not column.nullable and default else ""
         conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {quote(column.name)} {column.type.compile(conn.dialect)}{default}{null}")

@@ -241,7 +241,7 @@ def describe_exception(exc: BaseException, *, frames: int = 3) -> str:
     if len(message) > MAX_ERROR_CHARS:
         message = f"{message[:MAX_ERROR_CHARS]}... ({len(message):,} characters)"
     stack = traceback.extract_tb(exc.__traceback__)
-    own = [f for f in stack if "/submission/" in f.filename or f.filename.startswith(str(SANDBOX_SUBMISSION))] or stack[-1:]
+    own = [f for f in stack if f.filename.startswith(f"{SANDBOX_SUBMISSION}/")] or stack[-1:]
     where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in own[-frames:])
     return f"{type(exc).__name__}: {message}" + (f" (at {where})" if where else "")
 
